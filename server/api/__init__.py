@@ -1,0 +1,1 @@
+"""The HTTP layer: OpenAI endpoints, operations endpoints, auth and request schemas."""

@@ -1,0 +1,68 @@
+"""Relaying an engine's SSE stream to the client, timing it on the way."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+from server.errors import error_body
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StreamTiming:
+    """What a relayed stream observed: first-chunk time, gaps between chunks, final usage."""
+
+    started: float
+    first_chunk: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    usage: dict | None = None
+    completed: bool = False
+    _last: float | None = None
+
+    def chunk(self, now: float, data: bytes) -> None:
+        if self.first_chunk is None:
+            self.first_chunk = now
+        elif self._last is not None:
+            self.gaps.append(now - self._last)
+        self._last = now
+        # The usage chunk (stream_options.include_usage) has empty choices; parse only that one.
+        if b'"usage":{' in data and b'"choices":[]' in data:
+            self.usage = _parse_usage(data)
+        if b"data: [DONE]" in data:
+            self.completed = True
+
+
+def _parse_usage(data: bytes) -> dict | None:
+    for line in data.split(b"\n"):
+        if line.startswith(b"data: {") and b'"usage"' in line:
+            try:
+                return json.loads(line[6:]).get("usage")
+            except ValueError:
+                return None
+    return None
+
+
+async def relay(
+    upstream: httpx.Response, timing: StreamTiming, on_close: Callable[[StreamTiming], None]
+) -> AsyncIterator[bytes]:
+    """Yield the engine's bytes unchanged. If the client goes away the ASGI server cancels this
+    generator and `finally` closes the upstream connection, which makes vLLM abort the request."""
+    try:
+        async for chunk in upstream.aiter_raw():
+            timing.chunk(time.perf_counter(), chunk)
+            yield chunk
+    except httpx.HTTPError as exc:
+        # Bytes already reached the client: the status is sent, so report in-band as vLLM does.
+        logger.warning("upstream stream broke: %s", type(exc).__name__)
+        body = error_body(f"engine stream interrupted: {type(exc).__name__}", "server_error", None, 503)
+        yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+    finally:
+        await upstream.aclose()
+        on_close(timing)

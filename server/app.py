@@ -1,0 +1,58 @@
+"""The app factory: routers, error handlers, and a lifespan that owns engines and clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from server import __version__
+from server.api import openai_routes, ops_routes
+from server.bootstrap import Bootstrap
+from server.catalog import Catalog
+from server.engines.client import EngineClient, build_http_client
+from server.engines.hardware import detect
+from server.engines.supervisor import EngineSupervisor
+from server.errors import install_error_handlers
+from server.gateway import Gateway
+from server.metrics import GatewayMetrics
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        http = build_http_client(settings.upstream_connect_timeout_s, settings.upstream_read_timeout_s,
+                                 settings.upstream_max_connections)
+        supervisor = EngineSupervisor()
+        catalog = Catalog()
+        gateway = Gateway(settings, catalog, supervisor, EngineClient(http), GatewayMetrics(supervisor.statuses))
+        app.state.gateway = gateway
+        hardware = detect(settings.engine_device)
+        logger.info("engines on %s (native bf16 on CPU: %s)", hardware.device, hardware.cpu_native_bf16)
+        boot = asyncio.create_task(Bootstrap(settings, hardware, catalog, supervisor).run(), name="bootstrap")
+        boot.add_done_callback(_log_bootstrap_failure)
+        try:
+            yield
+        finally:
+            boot.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await boot
+            await supervisor.stop_all()
+            await http.aclose()
+
+    app = FastAPI(title="quantgate", version=__version__, lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(openai_routes.router)
+    app.include_router(ops_routes.router)
+    return app
+
+
+def _log_bootstrap_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("start-up failed, nothing will be served: %s", task.exception(), exc_info=task.exception())

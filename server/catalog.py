@@ -1,0 +1,78 @@
+"""Logical models and their variants, as the HTTP layer sees them.
+
+A logical model (`smollm2-135m`) has a ladder of variants (`smollm2-135m@bf16`, `...@int8`),
+ordered from most to least accurate. The registry (SQLite) fills this in; the skeleton fills
+it with the bundled model's base variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.errors import ModelNotFound
+
+VARIANT_SEPARATOR = "@"
+
+
+@dataclass(frozen=True)
+class Variant:
+    model: str
+    name: str  # "bf16", "int8", "int4-gptq", ...
+    method: str  # "base" for the source checkpoint
+    bits: int
+    size_bytes: int | None = None
+    ppl: float | None = None
+    ppl_delta: float | None = None  # relative to the base, 0.015 = +1.5 %
+
+    @property
+    def id(self) -> str:
+        return f"{self.model}{VARIANT_SEPARATOR}{self.name}"
+
+
+@dataclass
+class LogicalModel:
+    name: str
+    created: int
+    variants: list[Variant] = field(default_factory=list)
+
+    def accuracy_order(self) -> list[Variant]:
+        """Most accurate first: the base, then by measured ppl delta, unmeasured last."""
+        return sorted(self.variants, key=lambda v: (v.method != "base", v.ppl_delta is None, v.ppl_delta or 0.0))
+
+
+def split_model_name(name: str) -> tuple[str, str | None]:
+    """`"m@v"` -> `("m", "v")`; `"m"` -> `("m", None)`."""
+    model, sep, variant = name.partition(VARIANT_SEPARATOR)
+    return model, (variant if sep else None)
+
+
+class Catalog:
+    def __init__(self) -> None:
+        self._models: dict[str, LogicalModel] = {}
+
+    def add_variant(self, variant: Variant, created: int) -> None:
+        model = self._models.setdefault(variant.model, LogicalModel(variant.model, created))
+        model.variants = [v for v in model.variants if v.name != variant.name] + [variant]
+
+    def remove_variant(self, variant_id: str) -> None:
+        model_name, name = split_model_name(variant_id)
+        model = self._models.get(model_name)
+        if model is not None:
+            model.variants = [v for v in model.variants if v.name != name]
+
+    def models(self) -> list[LogicalModel]:
+        return list(self._models.values())
+
+    def resolve(self, requested: str) -> tuple[LogicalModel, Variant | None]:
+        """The logical model a request names, and the variant it pins (if any)."""
+        model_name, variant_name = split_model_name(requested)
+        model = self._models.get(model_name)
+        if model is None:
+            raise ModelNotFound(f"The model '{requested}' does not exist", param="model")
+        if variant_name is None:
+            return model, None
+        for variant in model.variants:
+            if variant.name == variant_name:
+                return model, variant
+        names = ", ".join(v.id for v in model.variants)
+        raise ModelNotFound(f"The model '{requested}' does not exist; variants: {names}", param="model")

@@ -1,0 +1,60 @@
+"""The `quantgate` command line."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+app = typer.Typer(help="quantgate: an OpenAI-compatible gateway over a precision ladder of one model.",
+                  no_args_is_help=True)
+console = Console(stderr=True)
+
+
+def _load_settings(**overrides: object):  # noqa: ANN202
+    from server.settings import Settings
+
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        console.print("[red]invalid settings:[/red]")
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "settings"
+            console.print(f"  QUANTGATE_{where.upper()}: {err['msg']}")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="bind address (QUANTGATE_HOST)"),
+    port: int | None = typer.Option(None, help="port (QUANTGATE_PORT)"),
+) -> None:
+    """Serve the gateway (and, by default, the bundled SmolLM2-135M-Instruct)."""
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = _load_settings(host=host, port=port)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health poll otherwise
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_keys:
+        logging.getLogger("server").warning(
+            "listening on %s with no QUANTGATE_API_KEYS: /v1/* is open to anyone who can reach it", settings.host
+        )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False, timeout_graceful_shutdown=10)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from server import __version__
+
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,57 @@
+"""An engine somebody else runs (a Kubernetes pod, another host): only its URL is configured."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import httpx
+
+from server.engines.base import Engine, EngineState, EngineStatus
+
+logger = logging.getLogger(__name__)
+
+
+class RemoteEngine(Engine):
+    def __init__(self, variant_id: str, base_url: str, poll_interval_s: float = 2.0) -> None:
+        self.variant_id = variant_id
+        self._base_url = base_url.rstrip("/")
+        self._poll_interval_s = poll_interval_s
+        self._state = EngineState.STOPPED
+        self._detail = ""
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    def status(self) -> EngineStatus:
+        return EngineStatus(self.variant_id, "remote", self._base_url, self._state, 0, None, None, self._detail)
+
+    async def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._state = EngineState.STARTING
+            self._task = asyncio.create_task(self._poll(), name=f"engine:{self.variant_id}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._state = EngineState.STOPPED
+
+    async def _poll(self) -> None:
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                try:
+                    response = await client.get(f"{self._base_url}/health")
+                    healthy = response.status_code == 200
+                    self._detail = "" if healthy else f"/health answered {response.status_code}"
+                except httpx.HTTPError as exc:
+                    healthy, self._detail = False, f"/health: {type(exc).__name__}"
+                new_state = EngineState.READY if healthy else EngineState.UNHEALTHY
+                if new_state is not self._state:
+                    logger.info("remote engine %s at %s: %s", self.variant_id, self._base_url, new_state.value)
+                self._state = new_state
+                await asyncio.sleep(self._poll_interval_s)

@@ -1,0 +1,1 @@
+"""Model sources: the bundled default checkpoint and (later) the registry's ingest."""

