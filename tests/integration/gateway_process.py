@@ -1,0 +1,106 @@
+"""Running `quantgate serve` as a real subprocess for integration tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+# Persisted between local runs so the bundled model is converted once; fresh in CI.
+TEST_HOME = REPO / ".cache" / "test-home"
+API_KEY = "test-api-key-0123456789abcdef"
+ADMIN_KEY = "test-admin-key-0123456789abcdef"
+
+
+@dataclass
+class GatewayProcess:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def engines(self) -> list[dict]:
+        response = httpx.get(f"{self.url}/admin/engines", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+        response.raise_for_status()
+        return response.json()["engines"]
+
+    def wait_ready(self, timeout_s: float = 900) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError(f"gateway not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout_s)
+
+
+def start_gateway(port: int, home: Path = TEST_HOME, **env: str) -> GatewayProcess:
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / f"gateway-{port}.log"
+    full_env = {
+        **os.environ,
+        "QUANTGATE_HOME": str(home),
+        "QUANTGATE_PORT": str(port),
+        "QUANTGATE_API_KEYS": API_KEY,
+        "QUANTGATE_ADMIN_KEY": ADMIN_KEY,
+        **env,
+    }
+    with open(log_path, "wb") as log:
+        # Own session: a signal meant for pytest must not reach the gateway, and vice versa.
+        proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=full_env, cwd=REPO, start_new_session=True)
+    return GatewayProcess(proc, port, log_path)
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    still = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                still.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return still
+
+
+def engine_gauge(metrics_url: str, name: str) -> float:
+    text = httpx.get(metrics_url, timeout=5).text
+    match = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.eE+-]+)$", text, re.MULTILINE)
+    if match is None:
+        raise AssertionError(f"{name} not in {metrics_url}")
+    return float(match.group(1))
+
+
+def wait_for(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval_s)
+    return predicate()

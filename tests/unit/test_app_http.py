@@ -1,0 +1,99 @@
+"""The HTTP layer without any engine: auth, limits, error shapes, health and readiness."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.settings import Limits, Settings
+
+API_KEY = "k" * 24
+ADMIN_KEY = "a" * 24
+CHAT = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def client(tmp_path) -> Iterator[TestClient]:
+    settings = Settings(home=tmp_path, embedded_model=False, api_keys=(API_KEY,), admin_key=ADMIN_KEY,
+                        limits=Limits(max_body_bytes=2048))
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+def _auth(key: str = API_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _assert_openai_error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+@pytest.mark.parametrize("path", ["/health", "/metrics"])
+def test_operations_endpoints_need_no_key(client: TestClient, path: str) -> None:
+    assert client.get(path).status_code == 200
+
+
+def test_ready_is_503_with_no_model(client: TestClient) -> None:
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert response.json() == {"ready": False, "models": {}}
+
+
+@pytest.mark.parametrize(
+    ("headers", "fragment"),
+    [({}, "missing API key"), (_auth("wrong" * 5), "invalid API key"), ({"Authorization": API_KEY}, "missing")],
+)
+def test_v1_requires_a_valid_bearer_key(client: TestClient, headers: dict, fragment: str) -> None:
+    error = _assert_openai_error(client.post("/v1/chat/completions", json=CHAT, headers=headers), 401)
+    assert fragment in error["message"]
+    assert error["type"] == "authentication_error"
+    assert client.get("/v1/models", headers=headers).status_code == 401
+
+
+def test_models_list_with_key(client: TestClient) -> None:
+    response = client.get("/v1/models", headers=_auth())
+    assert response.json() == {"object": "list", "data": []}
+
+
+def test_unknown_model_is_404(client: TestClient) -> None:
+    error = _assert_openai_error(client.post("/v1/chat/completions", json=CHAT, headers=_auth()), 404)
+    assert error["code"] == "model_not_found"
+    assert error["param"] == "model"
+
+
+def test_body_over_the_limit_is_413(client: TestClient) -> None:
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 4096}]}
+    error = _assert_openai_error(client.post("/v1/chat/completions", json=big, headers=_auth()), 413)
+    assert "2048 bytes" in error["message"]
+
+
+def test_malformed_json_is_400(client: TestClient) -> None:
+    response = client.post("/v1/completions", content=b"{not json", headers={**_auth(), "content-type": "application/json"})
+    assert "not valid JSON" in _assert_openai_error(response, 400)["message"]
+
+
+def test_invalid_body_is_400_before_model_lookup(client: TestClient) -> None:
+    response = client.post("/v1/chat/completions", json={**CHAT, "n": 1000}, headers=_auth())
+    assert _assert_openai_error(response, 400)["param"] == "n"
+
+
+def test_unknown_route_is_openai_shaped_404(client: TestClient) -> None:
+    _assert_openai_error(client.get("/v1/nothing-here", headers=_auth()), 404)
+
+
+def test_admin_needs_the_admin_key(client: TestClient) -> None:
+    assert client.get("/admin/engines", headers=_auth()).status_code == 401
+    response = client.get("/admin/engines", headers=_auth(ADMIN_KEY))
+    assert response.json() == {"engines": []}
+
+
+def test_errors_are_counted_in_metrics(client: TestClient) -> None:
+    client.post("/v1/chat/completions", json=CHAT, headers=_auth())
+    text = client.get("/metrics").text
+    assert 'quantgate_requests_total{endpoint="chat",model="",status="404",variant=""} 1.0' in text
