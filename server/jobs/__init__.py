@@ -1,0 +1,1 @@
+"""Work done out of the request path, in subprocesses: compression jobs."""

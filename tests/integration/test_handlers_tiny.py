@@ -1,0 +1,110 @@
+"""Each handler on a tiny random Llama built here, in the real compression environment:
+the tensors it writes have the shapes and dtypes vLLM expects, and the config it records
+round-trips."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from optimizers.job import read_manifest
+from optimizers.registry import make_config
+from server.jobs.compress import CompressionFailed, CompressionJob, run_compression
+from server.models.embedded import ensure_checkpoint, find_bundled_gguf
+from tests.integration.gateway_process import TEST_HOME
+
+HIDDEN, INTERMEDIATE = 192, 384  # 192 is not a multiple of 128: group size must resolve to 64
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = ensure_checkpoint(find_bundled_gguf(), TEST_HOME / "checkpoints", TEST_HOME / "logs")
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                         num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+                         tie_word_embeddings=True, max_position_embeddings=512)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (base / name).exists():
+            shutil.copy(base / name, out / name)
+    return out
+
+
+def _compress(method: str, source: Path, out: Path, config: dict | None = None) -> dict:
+    job = CompressionJob(method, source, out, profile="fast", device="cpu", config=tuple((config or {}).items()))
+    return asyncio.run(run_compression(job, out.parent / f"{method}.log", timeout_s=900))
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    with safe_open(str(path / "model.safetensors"), "pt") as handle:
+        return {k: (str(handle.get_slice(k).get_dtype()), tuple(handle.get_slice(k).get_shape())) for k in handle.keys()}
+
+
+def test_int8_w8a8_tensors(tiny_llama: Path, tmp_path: Path) -> None:
+    manifest = _compress("int8", tiny_llama, tmp_path / "int8")
+    tensors = _tensors(tmp_path / "int8")
+    assert tensors["model.layers.0.self_attn.q_proj.weight"] == ("I8", (HIDDEN, HIDDEN))
+    assert tensors["model.layers.0.mlp.down_proj.weight"] == ("I8", (HIDDEN, INTERMEDIATE))
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale"][1] == (HIDDEN, 1)
+    quant = json.loads((tmp_path / "int8" / "config.json").read_text())["quantization_config"]
+    group = quant["config_groups"]["group_0"]
+    assert (group["weights"]["num_bits"], group["input_activations"]["num_bits"]) == (8, 8)
+    assert group["input_activations"]["dynamic"] is True
+    assert quant["ignore"] == ["lm_head"]
+    assert make_config("int8", manifest["config"]).fingerprint() == manifest["fingerprint"]
+
+
+@pytest.mark.parametrize(("method", "symmetric"), [("int4-gptq", True), ("awq", False)])
+def test_w4a16_group_tensors(method: str, symmetric: bool, tiny_llama: Path, tmp_path: Path) -> None:
+    manifest = _compress(method, tiny_llama, tmp_path / method)
+    tensors = _tensors(tmp_path / method)
+    # 8 int4 values packed per int32; one scale per 64 input columns.
+    assert tensors["model.layers.1.mlp.down_proj.weight_packed"] == ("I32", (HIDDEN, INTERMEDIATE // 8))
+    assert tensors["model.layers.1.mlp.down_proj.weight_scale"][1] == (HIDDEN, INTERMEDIATE // 64)
+    assert ("model.layers.1.mlp.down_proj.weight_zero_point" in tensors) is (not symmetric)
+    weights = json.loads((tmp_path / method / "config.json").read_text())["quantization_config"]["config_groups"][
+        "group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (4, 64, symmetric)
+    assert read_manifest(tmp_path / method) == manifest
+    assert manifest["size_bytes"] > 0
+
+
+def test_a_finished_variant_is_reused(tiny_llama: Path, tmp_path: Path) -> None:
+    first = _compress("int4-gptq", tiny_llama, tmp_path / "v")
+    events: list[dict] = []
+    job = CompressionJob("int4-gptq", tiny_llama, tmp_path / "v", profile="fast", device="cpu")
+    again = asyncio.run(run_compression(job, tmp_path / "again.log", timeout_s=300, on_event=events.append))
+    assert again == first
+    assert {"event": "stage", "stage": "cached"} in events
+
+
+@pytest.mark.parametrize(("method", "config", "kind", "fragment"), [
+    ("int4-gptq", {"group_size": 128}, "invalid_config", "group_size=128 does not divide"),
+    ("int4-gptq", {"bits": 3}, "invalid_config", "bits: Extra inputs are not permitted"),
+    ("fp8", {}, "unsupported", "fp8 is refused on CPU"),
+    ("bnb-nf4", {}, "unsupported", "bnb-nf4 is refused on CPU"),
+])  # fmt: skip
+def test_refused_jobs_fail_fast_and_leave_nothing(method: str, config: dict, kind: str, fragment: str,
+                                                  tiny_llama: Path, tmp_path: Path) -> None:
+    with pytest.raises(CompressionFailed) as info:
+        _compress(method, tiny_llama, tmp_path / "out", config)
+    assert info.value.kind == kind
+    assert fragment in info.value.message
+    assert list(tmp_path.glob("*out*")) == []
+
+
+def test_timeout_kills_the_job_and_leaves_no_half_variant(tiny_llama: Path, tmp_path: Path) -> None:
+    job = CompressionJob("awq", tiny_llama, tmp_path / "slow", profile="fast", device="cpu")
+    with pytest.raises(CompressionFailed) as info:
+        asyncio.run(run_compression(job, tmp_path / "slow.log", timeout_s=3))
+    assert info.value.kind == "timeout"
+    assert [p.name for p in tmp_path.iterdir() if "slow" in p.name] == ["slow.log"]

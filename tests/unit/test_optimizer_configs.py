@@ -1,0 +1,101 @@
+"""Method configs: typed, frozen, versioned; refused early with the reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from optimizers.base import InvalidConfig, ModelInfo, UnsupportedHere
+from optimizers.data import PROFILES, Profile, split
+from optimizers.groups import resolve_group_size
+from optimizers.registry import CONFIGS, METHODS, handler_for, make_config
+
+SMOLLM2 = ModelInfo("LlamaForCausalLM", hidden_size=576, intermediate_size=1536, num_layers=30,
+                    tie_word_embeddings=True)
+LLAMA8B = ModelInfo("LlamaForCausalLM", hidden_size=4096, intermediate_size=14336, num_layers=32,
+                    tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_config_round_trip_and_fingerprint(method: str) -> None:
+    config = make_config(method)
+    again = make_config(method, config.model_dump())
+    assert again == config
+    assert again.fingerprint() == config.fingerprint()
+    assert make_config(method, {"version": config.version + 1}).fingerprint() != config.fingerprint()
+
+
+def test_configs_are_frozen() -> None:
+    config = make_config("int8")
+    with pytest.raises(Exception, match="frozen"):
+        config.smoothing_strength = 0.5  # type: ignore[misc]
+
+
+def test_every_servable_method_has_a_handler() -> None:
+    for config_type in METHODS:
+        assert handler_for(config_type()) is METHODS[config_type]
+
+
+@pytest.mark.parametrize(
+    ("method", "fields", "fragment"),
+    [
+        ("int4-gptq", {"group_sise": 64}, "group_sise: Extra inputs are not permitted"),
+        ("int8", {"smoothing_strength": 1.5}, "less than or equal to 1"),
+        ("awq", {"n_grid": 1}, "greater than or equal to 2"),
+        ("int3", {}, "unknown method 'int3'; known: awq, bnb-int8, bnb-nf4, fp8, int4-gptq, int8"),
+    ],
+)
+def test_bad_configs_fail_with_the_reason(method: str, fields: dict, fragment: str) -> None:
+    with pytest.raises(InvalidConfig, match=fragment.replace("(", r"\(")):
+        make_config(method, fields)
+
+
+@pytest.mark.parametrize(("model", "expected"), [(SMOLLM2, 64), (LLAMA8B, 128)])
+def test_group_size_auto_divides_every_width(model: ModelInfo, expected: int) -> None:
+    assert resolve_group_size(None, model, "int4-gptq") == expected
+
+
+@pytest.mark.parametrize("method", ["int4-gptq", "awq"])
+def test_impossible_group_size_is_refused_before_work(method: str) -> None:
+    config = make_config(method, {"group_size": 128})
+    with pytest.raises(InvalidConfig, match=r"group_size=128 does not divide .*\[576\].*use one of \[64, 32\]"):
+        config.check(SMOLLM2, "cpu")
+    make_config(method, {"group_size": 128}).check(LLAMA8B, "cpu")
+
+
+@pytest.mark.parametrize(("method", "fragment"), [
+    ("fp8", "fp8 is refused on CPU"),
+    ("bnb-nf4", "bnb-nf4 is refused on CPU"),
+    ("bnb-int8", "bnb-int8 is refused on CPU"),
+])  # fmt: skip
+def test_methods_unsupported_on_cpu_are_refused(method: str, fragment: str) -> None:
+    with pytest.raises(UnsupportedHere, match=fragment):
+        make_config(method).check(SMOLLM2, "cpu")
+
+
+def test_fp8_and_nf4_are_offered_on_gpus() -> None:
+    make_config("fp8").check(LLAMA8B, "cuda")
+    make_config("bnb-nf4").check(LLAMA8B, "cuda")
+    with pytest.raises(UnsupportedHere, match="not implemented"):
+        make_config("bnb-int8").check(LLAMA8B, "cuda")
+
+
+def test_on_load_methods_produce_engine_args(tmp_path) -> None:
+    artifact = handler_for(make_config("fp8"))(make_config("fp8"), tmp_path, tmp_path / "out", [])
+    assert artifact.on_load and artifact.model_path == tmp_path
+    assert artifact.engine_args == ("--quantization", "fp8")
+
+
+def test_split_is_disjoint_and_fixed() -> None:
+    ids = list(range(10_000))
+    profile = Profile("t", calibration_samples=4, calibration_tokens=100, eval_windows=3, eval_tokens=200)
+    result = split(ids, profile)
+    assert [len(w) for w in result.calibration] == [100] * 4
+    assert [len(w) for w in result.evaluation] == [200] * 3
+    assert result.calibration[-1][-1] < result.evaluation[0][0]
+    assert result.evaluation[-1][-1] == 9_999
+    assert split(ids, profile) == result
+
+
+def test_split_refuses_overlap() -> None:
+    with pytest.raises(ValueError, match="needs 65536 calibration"):
+        split(list(range(50_000)), PROFILES["full"])
