@@ -12,7 +12,7 @@ CSTAMP := $(CVENV)/.installed-$(ENGINE)-$(HASH)
 # CPU machines: the local CPU build of torch; asking for plain torch would pull several GB of CUDA.
 TORCH := $(if $(filter cpu,$(ENGINE)),torch==2.13.0+cpu,torch)
 
-.PHONY: install serve test test-fast bench-skeleton
+.PHONY: install serve test test-fast bench-skeleton bench-variants
 
 $(STAMP):
 	rm -f $(VENV)/.installed-*
@@ -51,3 +51,8 @@ test-fast: install
 # Cold start and gateway overhead for the walking skeleton (prints a table, writes loadtests/results/).
 bench-skeleton: install
 	$(VENV)/bin/python -m loadtests.skeleton_bench
+
+# Variants table (size, ppl as served, time to make, tok/s) for the bundled model; PROFILE=fast for a quick one.
+PROFILE ?= full
+bench-variants: install
+	$(VENV)/bin/python -m loadtests.variants_bench --profile $(PROFILE)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizers.base import Device, MethodConfig, ModelInfo
-from optimizers.data import PROFILES, tokenized_split
+from optimizers.data import CALIBRATION_VERSION, PROFILES, tokenized_split
 from optimizers.registry import handler_for
 
 logger = logging.getLogger(__name__)
@@ -30,12 +31,19 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
     return json.loads(manifest.read_text()) if manifest.is_file() else None
 
 
+def job_key(config: MethodConfig, source: Path, profile: str) -> str:
+    """What makes two jobs' outputs interchangeable: method config, source and calibration data."""
+    data = f"{profile}/v{CALIBRATION_VERSION}" if config.needs_calibration else "none"
+    return hashlib.sha256(f"{config.fingerprint()}|{source.resolve()}|{data}".encode()).hexdigest()
+
+
 def run_job(config: MethodConfig, source: Path, out: Path, profile: str, device: Device,
             emit: Emit = lambda *a, **k: None) -> dict[str, Any]:
     """Produce the variant for `config` at `out` (atomically) and return its manifest."""
     config.check(ModelInfo.from_checkpoint(source), device)  # fail fast, before any work
+    key = job_key(config, source, profile)
     existing = read_manifest(out)
-    if existing is not None and (existing.get("fingerprint"), existing.get("source")) == (config.fingerprint(), str(source)):
+    if existing is not None and existing.get("job_key") == key:
         emit("stage", stage="cached")
         return existing
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -55,6 +63,8 @@ def run_job(config: MethodConfig, source: Path, out: Path, profile: str, device:
             "bits": config.bits,
             "config": config.model_dump(),
             "fingerprint": config.fingerprint(),
+            "job_key": key,
+            "calibration_version": CALIBRATION_VERSION if config.needs_calibration else None,
             "profile": profile if config.needs_calibration else None,
             "calibration_samples": len(calibration),
             "source": str(source),

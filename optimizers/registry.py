@@ -8,13 +8,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from optimizers import awq, bnb, fp8, int4_gptq, int8
+from optimizers import awq, bnb, fp8, int4_gptq, int8, int8_wo
 from optimizers.base import Artifact, InvalidConfig, MethodConfig
 
 Handler = Callable[[Any, Path, Path, list[list[int]]], Artifact]
 
 METHODS: dict[type[MethodConfig], Handler] = {
     int8.Int8Config: int8.quantize,
+    int8_wo.Int8WeightOnlyConfig: int8_wo.quantize,
     int4_gptq.Int4GptqConfig: int4_gptq.quantize,
     awq.AwqConfig: awq.quantize,
     fp8.Fp8Config: fp8.quantize,

@@ -108,3 +108,22 @@ def test_timeout_kills_the_job_and_leaves_no_half_variant(tiny_llama: Path, tmp_
         asyncio.run(run_compression(job, tmp_path / "slow.log", timeout_s=3))
     assert info.value.kind == "timeout"
     assert [p.name for p in tmp_path.iterdir() if "slow" in p.name] == ["slow.log"]
+
+
+def test_calibration_mixes_prose_and_chat_and_never_touches_evaluation() -> None:
+    from transformers import AutoTokenizer
+
+    from optimizers.data import PROFILES, tokenized_split
+
+    base = ensure_checkpoint(find_bundled_gguf(), TEST_HOME / "checkpoints", TEST_HOME / "logs")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    plain = tokenized_split(str(base), PROFILES["fast"], chat_calibration=False)
+    mixed = tokenized_split(str(base), PROFILES["fast"])
+    assert mixed.evaluation == plain.evaluation
+    assert mixed.calibration[0::2] == plain.calibration[0::2]
+    for window in mixed.calibration[1::2]:
+        assert tokenizer.decode(window).startswith("<|im_start|>system")
+        assert len(window) == PROFILES["fast"].calibration_tokens
+    # Chat windows re-cast calibration prose only: no evaluation token sequence leaks in.
+    eval_text = tokenizer.decode(plain.evaluation[0])
+    assert all(eval_text[:200] not in tokenizer.decode(w) for w in mixed.calibration)

