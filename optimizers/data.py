@@ -63,6 +63,21 @@ def split(token_ids: list[int], profile: Profile) -> Split:
     return Split(calibration, evaluation)
 
 
+def corpus_token_ids(checkpoint: str) -> list[int]:
+    """The corpus tokenized with the checkpoint's fast tokenizer (the `tokenizers` library only:
+    light enough for the gateway, identical to transformers' fast tokenizer)."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(Path(checkpoint) / "tokenizer.json"))
+    return tokenizer.encode(corpus_text(), add_special_tokens=False).ids
+
+
+def evaluation_windows(checkpoint: str, profile: Profile) -> list[list[int]]:
+    return split(corpus_token_ids(checkpoint), profile).evaluation
+
+
 def tokenized_split(tokenizer_path: str, profile: Profile, chat_calibration: bool = True) -> Split:
     """The profile's windows, tokenized with the checkpoint's tokenizer.
 
@@ -76,8 +91,7 @@ def tokenized_split(tokenizer_path: str, profile: Profile, chat_calibration: boo
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    ids = tokenizer(corpus_text(), add_special_tokens=False)["input_ids"]
-    result = split(ids, profile)
+    result = split(corpus_token_ids(tokenizer_path), profile)
     if not chat_calibration or not tokenizer.chat_template:
         return result
     calibration = [

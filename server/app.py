@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 
 from server import __version__
-from server.api import openai_routes, ops_routes
-from server.bootstrap import Bootstrap
+from server.api import admin_routes, openai_routes, ops_routes
+from server.bootstrap import Bootstrap, local_engine_config
 from server.catalog import Catalog
 from server.engines.client import EngineClient, build_http_client
 from server.engines.hardware import detect
@@ -19,6 +19,9 @@ from server.engines.supervisor import EngineSupervisor
 from server.errors import install_error_handlers
 from server.gateway import Gateway
 from server.metrics import GatewayMetrics
+from server.registry.builder import VariantBuilder
+from server.registry.service import ModelService
+from server.registry.store import Registry
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -31,11 +34,22 @@ def create_app(settings: Settings) -> FastAPI:
                                  settings.upstream_max_connections)
         supervisor = EngineSupervisor()
         catalog = Catalog()
-        gateway = Gateway(settings, catalog, supervisor, EngineClient(http), GatewayMetrics(supervisor.statuses))
-        app.state.gateway = gateway
         hardware = detect(settings.engine_device)
         logger.info("engines on %s (native bf16 on CPU: %s)", hardware.device, hardware.cpu_native_bf16)
-        boot = asyncio.create_task(Bootstrap(settings, hardware, catalog, supervisor).run(), name="bootstrap")
+        registry = Registry(settings.registry_path)
+        builder = VariantBuilder(
+            registry, catalog, supervisor, settings.home,
+            engine_config=lambda vid, path, args: local_engine_config(settings, hardware, vid, path, args),
+            remote_engines={k: str(v) for k, v in settings.remote_engines.items()},
+            profile=settings.registry_profile, compress_timeout_s=settings.compress_timeout_s,
+            compress_python=settings.compress_python, engine_ready_timeout_s=settings.engine_start_timeout_s,
+        )  # fmt: skip
+        service = ModelService(settings, registry, builder, catalog, supervisor, hardware.device)
+        gateway = Gateway(settings, catalog, supervisor, EngineClient(http), GatewayMetrics(supervisor.statuses),
+                          service)
+        app.state.gateway = gateway
+        boot = asyncio.create_task(Bootstrap(settings, registry, builder, service, catalog, supervisor).run(),
+                                   name="bootstrap")
         boot.add_done_callback(_log_bootstrap_failure)
         try:
             yield
@@ -45,11 +59,13 @@ def create_app(settings: Settings) -> FastAPI:
                 await boot
             await supervisor.stop_all()
             await http.aclose()
+            registry.close()
 
     app = FastAPI(title="quantgate", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(ops_routes.router)
+    app.include_router(admin_routes.router)
     return app
 
 

@@ -1,25 +1,27 @@
-"""What the gateway serves at start-up: the bundled model's base variant and any configured
-remote engines. Runs in the background so /health answers while engines load."""
+"""What the gateway serves at start-up: the registry's variants (recovered after a crash), the
+bundled model when the registry is empty, and remote engines named in the settings.
+Runs in the background so /health answers while engines load."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import time
 from pathlib import Path
 
 from server.catalog import Catalog, Variant, split_model_name
-from server.engines.base import Engine
 from server.engines.hardware import Hardware
-from server.engines.local import LocalEngine, LocalEngineConfig
+from server.engines.local import LocalEngineConfig
 from server.engines.remote import RemoteEngine
 from server.engines.supervisor import EngineSupervisor
-from server.models.embedded import ensure_checkpoint, find_bundled_gguf
+from server.models.embedded import find_bundled_gguf
+from server.registry.builder import VariantBuilder, catalog_variant
+from server.registry.service import BASE_VARIANT, ModelService
+from server.registry.store import Registry, VariantState
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-BASE_VARIANT = "bf16"
 
 
 def local_engine_config(settings: Settings, hardware: Hardware, variant_id: str, model_path: Path,
@@ -41,41 +43,58 @@ def local_engine_config(settings: Settings, hardware: Hardware, variant_id: str,
 
 
 class Bootstrap:
-    def __init__(self, settings: Settings, hardware: Hardware, catalog: Catalog,
-                 supervisor: EngineSupervisor) -> None:
+    def __init__(self, settings: Settings, registry: Registry, builder: VariantBuilder, service: ModelService,
+                 catalog: Catalog, supervisor: EngineSupervisor) -> None:
         self.settings = settings
-        self.hardware = hardware
+        self.registry = registry
+        self.builder = builder
+        self.service = service
         self.catalog = catalog
         self.supervisor = supervisor
 
     async def run(self) -> None:
+        for variant in self.registry.recover():
+            logger.warning("recovered %s after an interrupted start: now %s", variant.id, variant.state.value)
+        for leftover in (self.settings.home / "artifacts").glob(".*.tmp-*"):
+            logger.warning("removing %s, left by a job that was killed", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+        await self._attach_unregistered_remotes()
+        if self.settings.embedded_model and not self.registry.models():
+            await self.service.add(find_bundled_gguf(), self.settings.embedded_model_name,
+                                   self.settings.default_variants)
+        await self._serve_registered()
+        await self.builder.run()
+
+    async def _serve_registered(self) -> None:
+        """Put every registered variant in the catalog; start engines for the ready ones."""
+        starts = []
+        for model in self.registry.models():
+            for record in self.registry.variants(model.name):
+                self.catalog.add_variant(catalog_variant(record), int(model.created_at))
+                if record.state is VariantState.READY:
+                    starts.append(self.builder.start_engine(record))
+        results = await asyncio.gather(*starts, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                logger.error("a ready variant's engine failed to start: %s", result)
+
+    async def _attach_unregistered_remotes(self) -> None:
+        """QUANTGATE_REMOTE_ENGINES entries whose model is not registered: served as they are."""
+        registered = {m.name for m in self.registry.models()}
         now = int(time.time())
         for variant_id, url in self.settings.remote_engines.items():
             model, name = split_model_name(variant_id)
+            if model in registered:
+                continue  # the builder attaches it when it builds that variant
             self.catalog.add_variant(_variant_from_name(model, name or BASE_VARIANT), now)
             await self.supervisor.add(RemoteEngine(variant_id, str(url)))
-        if self.settings.embedded_model:
-            await self._embedded(now)
-
-    async def _embedded(self, now: int) -> None:
-        variant = Variant(model=self.settings.embedded_model_name, name=BASE_VARIANT, method="base", bits=16)
-        self.catalog.add_variant(variant, now)
-        if variant.id in self.settings.remote_engines:
-            return
-        started = time.monotonic()
-        checkpoint = await asyncio.to_thread(
-            ensure_checkpoint, find_bundled_gguf(), self.settings.checkpoints_dir, self.settings.logs_dir
-        )
-        logger.info("bundled checkpoint ready at %s (%.1f s)", checkpoint, time.monotonic() - started)
-        engine: Engine = LocalEngine(local_engine_config(self.settings, self.hardware, variant.id, checkpoint))
-        await self.supervisor.add(engine)
 
 
 _BASE_NAMES = {"bf16": 16, "fp16": 16, "fp32": 32, "base": 16}
 
 
 def _variant_from_name(model: str, name: str) -> Variant:
-    """A remote variant's metadata, known only from its name until the registry measures it."""
+    """A remote variant's metadata, known only from its name (no registry record)."""
     if name in _BASE_NAMES:
         return Variant(model=model, name=name, method="base", bits=_BASE_NAMES[name])
     bits = 4 if "4" in name else 8 if "8" in name else 16

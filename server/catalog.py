@@ -23,6 +23,13 @@ class Variant:
     size_bytes: int | None = None
     ppl: float | None = None
     ppl_delta: float | None = None  # relative to the base, 0.015 = +1.5 %
+    state: str = "ready"  # the registry's state: pending, compressing, evaluating, ready, ...
+
+    @property
+    def servable(self) -> bool:
+        """May take traffic once its engine is healthy: a ready variant, or the base while its
+        own evaluation runs (the base is the reference, there is nothing to gate it against)."""
+        return self.state == "ready" or (self.method == "base" and self.state == "evaluating")
 
     @property
     def id(self) -> str:
@@ -59,6 +66,9 @@ class Catalog:
         model = self._models.get(model_name)
         if model is not None:
             model.variants = [v for v in model.variants if v.name != name]
+
+    def remove_model(self, name: str) -> None:
+        self._models.pop(name, None)
 
     def models(self) -> list[LogicalModel]:
         return list(self._models.values())

@@ -13,6 +13,15 @@ app = typer.Typer(help="quantgate: an OpenAI-compatible gateway over a precision
 console = Console(stderr=True)
 
 
+def _add_subcommands() -> None:
+    from server.cli_models import app as models_app
+
+    app.add_typer(models_app, name="models")
+
+
+_add_subcommands()
+
+
 def _load_settings(**overrides: object):  # noqa: ANN202
     from server.settings import Settings
 

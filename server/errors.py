@@ -101,6 +101,22 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
+    from optimizers.base import InvalidConfig
+    from server.registry.store import AlreadyExists, IllegalTransition, NotFound, RegistryError
+
+    registry_status = {NotFound: 404, AlreadyExists: 409, IllegalTransition: 409}
+
+    @app.exception_handler(RegistryError)
+    async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:
+        status = registry_status.get(type(exc), 400)
+        code = {404: "not_found", 409: "conflict"}.get(status, "invalid_model")
+        return JSONResponse(error_body(str(exc), "invalid_request_error", None, code), status_code=status)
+
+    @app.exception_handler(InvalidConfig)
+    async def _invalid_config(_: Request, exc: InvalidConfig) -> JSONResponse:
+        return JSONResponse(error_body(str(exc), "invalid_request_error", "variants", "invalid_config"),
+                            status_code=400)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         err = validation_error_to_invalid_request(list(exc.errors()))

@@ -23,6 +23,7 @@ from server.engines.client import EngineClient
 from server.engines.supervisor import EngineSupervisor
 from server.errors import EngineUnavailable, GatewayError
 from server.metrics import GatewayMetrics
+from server.registry.service import ModelService
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,14 +43,15 @@ COMPLETIONS = Endpoint("completions", "/v1/completions", CompletionRequest)
 
 
 def choose_variant(model: LogicalModel, serving: set[str]) -> Variant | None:
-    """The most accurate variant whose engine is serving."""
-    return next((v for v in model.accuracy_order() if v.id in serving), None)
+    """The most accurate servable variant whose engine is serving."""
+    return next((v for v in model.accuracy_order() if v.servable and v.id in serving), None)
 
 
 class Gateway:
     def __init__(self, settings: Settings, catalog: Catalog, supervisor: EngineSupervisor,
-                 engines: EngineClient, metrics: GatewayMetrics) -> None:
+                 engines: EngineClient, metrics: GatewayMetrics, models: ModelService) -> None:
         self.settings = settings
+        self.models = models
         self.catalog = catalog
         self.supervisor = supervisor
         self.engines = engines
@@ -61,13 +63,13 @@ class Gateway:
     def readiness(self) -> dict[str, bool]:
         """Per logical model: does it have at least one serving variant?"""
         serving = self.serving_variant_ids()
-        return {m.name: any(v.id in serving for v in m.variants) for m in self.catalog.models()}
+        return {m.name: any(v.servable and v.id in serving for v in m.variants) for m in self.catalog.models()}
 
     def select(self, requested: str) -> tuple[LogicalModel, Variant, Engine]:
         model, pinned = self.catalog.resolve(requested)
         serving = self.serving_variant_ids()
         if pinned is not None:
-            variant = pinned if pinned.id in serving else None
+            variant = pinned if pinned.servable and pinned.id in serving else None
         else:
             variant = choose_variant(model, serving)
         engine = self.supervisor.get(variant.id) if variant is not None else None

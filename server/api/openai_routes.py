@@ -38,12 +38,12 @@ async def list_models(gateway: GatewayDep) -> dict:
         data.append({
             "id": model.name, "object": "model", "created": model.created, "owned_by": "quantgate",
             "variants": [v.id for v in ladder],
-            "ready": any(v.id in serving for v in ladder),
+            "ready": any(v.servable and v.id in serving for v in ladder),
         })  # fmt: skip
         for v in ladder:
             data.append({
                 "id": v.id, "object": "model", "created": model.created, "owned_by": "quantgate",
                 "parent": model.name, "method": v.method, "bits": v.bits, "size_bytes": v.size_bytes,
-                "ppl": v.ppl, "ppl_delta": v.ppl_delta, "ready": v.id in serving,
+                "ppl": v.ppl, "ppl_delta": v.ppl_delta, "state": v.state, "ready": v.servable and v.id in serving,
             })  # fmt: skip
     return {"object": "list", "data": data}

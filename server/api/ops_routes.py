@@ -1,14 +1,12 @@
-"""Liveness, readiness, Prometheus metrics, and the admin view of engines."""
+"""Liveness, readiness and Prometheus metrics: open to probes and scrapers."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api.deps import GatewayDep, require_admin
+from server.api.deps import GatewayDep
 
 router = APIRouter(tags=["operations"])
 
@@ -30,15 +28,3 @@ async def ready(gateway: GatewayDep) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(gateway: GatewayDep) -> Response:
     return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-
-@router.get("/admin/engines", dependencies=[Depends(require_admin)])
-async def engines(gateway: GatewayDep) -> dict:
-    """Every engine with its URL (also the scrape target for its vllm:* metrics)."""
-    rows = []
-    for status in gateway.supervisor.statuses():
-        row = asdict(status)
-        row["state"] = status.state.value
-        row["metrics_url"] = f"{status.base_url}/metrics"
-        rows.append(row)
-    return {"engines": rows}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -18,10 +17,9 @@ from pathlib import Path
 import httpx
 
 from server.engines.base import Engine, EngineState, EngineStatus
+from server.process import die_with_parent
 
 logger = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -82,12 +80,6 @@ def free_loopback_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """Child-side: get SIGTERM if the gateway dies without cleaning up (Linux only)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LocalEngine(Engine):
@@ -169,7 +161,8 @@ class LocalEngine(Engine):
             log.flush()
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                env=self.config.environment(), start_new_session=True, preexec_fn=_die_with_parent,
+                env=self.config.environment(), start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )  # fmt: skip
         logger.info("engine %s: pid %d on port %d, log %s", self.variant_id, self._proc.pid,
                     self._port, self.log_path)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.process import die_with_parent
+
 logger = logging.getLogger(__name__)
 
 
@@ -63,7 +65,8 @@ async def run_compression(job: CompressionJob, log_path: Path, timeout_s: float,
     with open(log_path, "ab") as log:
         proc = await asyncio.create_subprocess_exec(
             *job.argv(python), stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+            start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL),
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
         )  # fmt: skip
     events: list[dict] = []
 
@@ -86,6 +89,7 @@ async def run_compression(job: CompressionJob, log_path: Path, timeout_s: float,
     done = next((e for e in events if e.get("event") == "done"), None)
     if proc.returncode == 0 and done is not None:
         return done["manifest"]
+    remove_temp_dirs(job.out)  # a job killed from outside could not clean up after itself
     error = next((e for e in events if e.get("event") == "error"), None)
     if error is not None:
         raise CompressionFailed(error.get("kind", "failed"), error.get("message", "failed"), log_path)
@@ -97,5 +101,10 @@ async def _kill_and_clean(proc: asyncio.subprocess.Process, out: Path) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     await proc.wait()
+    remove_temp_dirs(out)
+
+
+def remove_temp_dirs(out: Path) -> None:
+    """Remove the half-written `.<name>.tmp-<pid>` directories of jobs that produce `out`."""
     for leftover in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(leftover, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -69,6 +70,10 @@ def start_gateway(port: int, home: Path = TEST_HOME, **env: str) -> GatewayProce
         "QUANTGATE_PORT": str(port),
         "QUANTGATE_API_KEYS": API_KEY,
         "QUANTGATE_ADMIN_KEY": ADMIN_KEY,
+        # The bundled model alone unless a test asks for more: variants are built by the tests
+        # that need them, with the fast profile.
+        "QUANTGATE_DEFAULT_VARIANTS": "",
+        "QUANTGATE_REGISTRY_PROFILE": "fast",
         **env,
     }
     with open(log_path, "wb") as log:
@@ -76,6 +81,23 @@ def start_gateway(port: int, home: Path = TEST_HOME, **env: str) -> GatewayProce
         proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=full_env, cwd=REPO, start_new_session=True)
     return GatewayProcess(proc, port, log_path)
+
+
+def shared_home(name: str, share: tuple[str, ...] = ("checkpoints", "artifacts", "cache")) -> Path:
+    """A fresh QUANTGATE_HOME of its own (registry, logs) that shares TEST_HOME's
+    content-addressed stores, so converted checkpoints and built variants are reused."""
+    home = TEST_HOME / name
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    for store in share:
+        (TEST_HOME / store).mkdir(parents=True, exist_ok=True)
+        (home / store).symlink_to(TEST_HOME / store)
+    return home
+
+
+def admin(gateway: GatewayProcess, method: str, path: str, **kwargs: object) -> httpx.Response:
+    return httpx.request(method, f"{gateway.url}{path}", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                         timeout=600, **kwargs)
 
 
 def alive(processes: list[psutil.Process]) -> list[psutil.Process]:

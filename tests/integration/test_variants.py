@@ -18,7 +18,9 @@ from server.engines.base import EngineState
 from server.engines.hardware import detect
 from server.engines.local import LocalEngine
 from server.jobs.compress import CompressionJob, run_compression
-from server.models.embedded import ensure_checkpoint, find_bundled_gguf
+from optimizers.registry import make_config
+from server.models.embedded import ensure_checkpoint, find_bundled_gguf, sha256_file
+from server.registry.artifacts import artifact_dir, artifact_key
 from server.settings import Settings
 from tests.integration.gateway_process import TEST_HOME
 
@@ -74,7 +76,9 @@ async def _serve_and_evaluate(variant_dir: Path, variant_id: str, windows: list[
 def test_variant_is_served_smaller_and_close_to_the_source(
     method: str, base_checkpoint: Path, eval_windows: list[list[int]], base_ppl: float
 ) -> None:
-    out = TEST_HOME / "variants" / f"{method}-fast"
+    # Built into the registry's content-addressed store, so the registry tests reuse it.
+    source_sha = sha256_file(find_bundled_gguf())
+    out = artifact_dir(TEST_HOME, artifact_key(source_sha, make_config(method), "fast"))
     events: list[dict] = []
     manifest = asyncio.run(run_compression(
         CompressionJob(method, base_checkpoint, out, profile="fast", device="cpu"),

@@ -1,0 +1,102 @@
+"""`quantgate models ...`: manage the registry of a running gateway through its admin API."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import httpx
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+app = typer.Typer(help="Register, list and remove models (talks to a running `quantgate serve`).",
+                  no_args_is_help=True)
+console = Console()
+if not console.is_terminal:  # logs and pipes: don't squeeze the table into 80 columns
+    console = Console(width=160)
+TERMINAL = {"ready", "rejected", "failed"}
+
+
+def _client(url: str | None) -> httpx.Client:
+    host = os.environ.get("QUANTGATE_HOST", "127.0.0.1")
+    base = url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{os.environ.get('QUANTGATE_PORT', '8000')}"
+    headers = {}
+    if key := os.environ.get("QUANTGATE_ADMIN_KEY"):
+        headers["Authorization"] = f"Bearer {key}"
+    return httpx.Client(base_url=base, headers=headers, timeout=600, trust_env=False)
+
+
+def _call(client: httpx.Client, method: str, path: str, **kwargs: object) -> dict:
+    try:
+        response = client.request(method, path, **kwargs)
+    except httpx.ConnectError:
+        console.print(f"[red]no gateway at {client.base_url}[/red]: start one with `quantgate serve`")
+        raise typer.Exit(1) from None
+    if response.status_code >= 400:
+        message = response.json().get("error", {}).get("message", response.text)
+        console.print(f"[red]{response.status_code}[/red] {message}")
+        raise typer.Exit(1)
+    return response.json()
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def variants_table(models: list[dict]) -> Table:
+    table = Table("variant", "method", "bits", "state", "MB", "ppl", "ppl delta", "made in s", "note")
+    for model in models:
+        for v in model["variants"]:
+            size = None if v["size_bytes"] is None else v["size_bytes"] / 1e6
+            delta = None if v["ppl_delta"] is None else 100 * v["ppl_delta"]
+            color = {"ready": "green", "failed": "red", "rejected": "yellow"}.get(v["state"], "cyan")
+            table.add_row(v["id"], v["method"], str(v["bits"]), f"[{color}]{v['state']}[/{color}]",
+                          _fmt(size, ".0f"), _fmt(v["ppl"], ".3f"), _fmt(delta, "+.1f") + ("%" if delta is not None else ""),
+                          _fmt(v["seconds_to_make"], ".0f"), (v["reason"] or "")[:60])  # fmt: skip
+    return table
+
+
+@app.command("add")
+def add(
+    path: str = typer.Argument(..., help="HF checkpoint directory or .gguf file (a path on the gateway's host)"),
+    name: str = typer.Option(..., "--name", help="logical model name, e.g. llama-3.1-8b"),
+    variants: str = typer.Option(None, "--variants", help="comma-separated methods, e.g. int8,int4-gptq,awq"),
+    max_ppl_delta: float = typer.Option(None, "--max-ppl-delta", help="quality floor, e.g. 0.3 for +30%"),
+    wait: bool = typer.Option(True, help="follow the build until every variant is ready, rejected or failed"),
+    url: str = typer.Option(None, help="gateway URL (default from QUANTGATE_HOST/PORT)"),
+) -> None:
+    """Register a checkpoint and build its variants (progress shown until done)."""
+    body: dict = {"path": os.path.abspath(path) if os.path.exists(path) else path, "name": name}
+    if variants is not None:
+        body["variants"] = [m.strip() for m in variants.split(",") if m.strip()]
+    if max_ppl_delta is not None:
+        body["max_ppl_delta"] = max_ppl_delta
+    with _client(url) as client:
+        model = _call(client, "POST", "/admin/models", json=body)
+        if not wait:
+            console.print(variants_table([model]))
+            return
+        with Live(variants_table([model]), console=console, refresh_per_second=2) as live:
+            while not all(v["state"] in TERMINAL for v in model["variants"]):
+                time.sleep(2)
+                model = _call(client, "GET", f"/admin/models/{name}")
+                live.update(variants_table([model]))
+    failed = [v["id"] for v in model["variants"] if v["state"] == "failed"]
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command("list")
+def list_models(url: str = typer.Option(None, help="gateway URL")) -> None:
+    """Every registered model and variant, with state and measured quality."""
+    with _client(url) as client:
+        console.print(variants_table(_call(client, "GET", "/admin/models")["models"]))
+
+
+@app.command("rm")
+def remove(name: str, url: str = typer.Option(None, help="gateway URL")) -> None:
+    """Remove a model: its engines stop, its records go (built artifacts stay cached)."""
+    with _client(url) as client:
+        _call(client, "DELETE", f"/admin/models/{name}")
+    console.print(f"removed {name}")

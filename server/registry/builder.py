@@ -1,0 +1,179 @@
+"""The builder: turns pending variants into served ones, one at a time (compression and
+evaluation are CPU- or GPU-bound; running them side by side only slows both).
+
+For each variant: compress in the compression environment (skipped for the base and for
+variants served remotely), start its engine, evaluate it *as served* (perplexity through
+prompt_logprobs on the model's fixed evaluation windows, a greedy sanity answer), then apply
+the model's quality gate: ready (served) or rejected (kept, engine stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from optimizers.data import PROFILES, evaluation_windows
+from optimizers.evaluate import perplexity, sanity_answer
+from optimizers.job import checkpoint_bytes
+from optimizers.registry import make_config
+from server.catalog import Catalog, Variant
+from server.engines.base import Engine, EngineState
+from server.engines.local import LocalEngine, LocalEngineConfig
+from server.engines.remote import RemoteEngine
+from server.engines.supervisor import EngineSupervisor
+from server.jobs.compress import CompressionFailed, CompressionJob, run_compression
+from server.registry.artifacts import artifact_dir, artifact_key
+from server.registry.store import ModelRecord, Registry, RegistryError, VariantRecord, VariantState
+
+logger = logging.getLogger(__name__)
+
+EngineFactory = Callable[[str, Path, tuple[str, ...]], LocalEngineConfig]
+
+
+class BuildFailed(Exception):
+    pass
+
+
+def catalog_variant(record: VariantRecord) -> Variant:
+    return Variant(model=record.model, name=record.name, method=record.method, bits=record.bits,
+                   size_bytes=record.size_bytes, ppl=record.ppl, ppl_delta=record.ppl_delta,
+                   state=record.state.value)  # fmt: skip
+
+
+class VariantBuilder:
+    def __init__(self, registry: Registry, catalog: Catalog, supervisor: EngineSupervisor, home: Path,
+                 engine_config: EngineFactory, remote_engines: dict[str, str], profile: str,
+                 compress_timeout_s: float, compress_python: str | None = None,
+                 engine_ready_timeout_s: float = 900.0) -> None:  # fmt: skip
+        self.registry = registry
+        self.catalog = catalog
+        self.supervisor = supervisor
+        self.home = home
+        self.engine_config = engine_config
+        self.remote_engines = remote_engines
+        self.profile = profile
+        self.compress_timeout_s = compress_timeout_s
+        self.compress_python = compress_python
+        self.engine_ready_timeout_s = engine_ready_timeout_s
+        self._wake = asyncio.Event()
+        self._windows: dict[str, list[list[int]]] = {}
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Build pending variants forever; sleeps until woken when there are none."""
+        while True:
+            self._wake.clear()
+            record = self.registry.next_pending()
+            if record is None:
+                await self._wake.wait()
+                continue
+            try:
+                await self.build(record)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # one bad variant must not stop the others
+                logger.exception("building %s failed", record.id)
+                self._fail(record.id, f"{type(exc).__name__}: {exc}")
+
+    async def start_engine(self, record: VariantRecord) -> Engine:
+        """Start (or attach) the engine that serves `record` and wait until it is healthy."""
+        if record.id in self.remote_engines:
+            engine: Engine = RemoteEngine(record.id, self.remote_engines[record.id])
+        else:
+            assert record.model_path is not None
+            engine = LocalEngine(self.engine_config(record.id, Path(record.model_path), record.engine_args))
+        await self.supervisor.add(engine)
+        deadline = time.monotonic() + self.engine_ready_timeout_s
+        while engine.status().state is not EngineState.READY:
+            if engine.status().state is EngineState.FAILED or time.monotonic() > deadline:
+                await self.supervisor.remove(record.id)
+                raise BuildFailed(f"engine did not become ready ({engine.status().detail}); see "
+                                  f"{engine.status().log_path}")
+            await asyncio.sleep(0.5)
+        return engine
+
+    async def build(self, record: VariantRecord) -> None:
+        model = self.registry.model(record.model)
+        if record.method == "base" or record.id in self.remote_engines:
+            path = model.checkpoint_path if record.method == "base" else None
+            size = checkpoint_bytes(Path(path)) if path else None
+            record = self.registry.transition(record.id, VariantState.EVALUATING, model_path=path, size_bytes=size,
+                                              reason=None)
+        else:
+            record = await self._compress(model, record)
+        self.catalog.add_variant(catalog_variant(record), int(model.created_at))
+        if record.state is VariantState.FAILED:
+            return
+        try:
+            engine = await self.start_engine(record)
+        except BuildFailed as exc:
+            self._fail(record.id, str(exc))
+            return
+        await self._evaluate(model, record, engine)
+
+    async def _compress(self, model: ModelRecord, record: VariantRecord) -> VariantRecord:
+        config = make_config(record.method, record.config)
+        key = artifact_key(model.source_sha256, config, self.profile)
+        out = artifact_dir(self.home, key)
+        log_path = self.home / "logs" / f"compress-{record.id}.log"
+        job_id = self.registry.start_job(record.id, "compressing")
+        self.registry.transition(record.id, VariantState.COMPRESSING, artifact_key=key, log_path=str(log_path),
+                                 reason=None)
+        job = CompressionJob(record.method, Path(model.checkpoint_path), out, profile=self.profile,
+                             config=tuple(record.config.items()))
+        try:
+            manifest = await run_compression(
+                job, log_path, self.compress_timeout_s, self.compress_python,
+                on_event=lambda event: self.registry.update_job(job_id, stage=str(event.get("stage", event["event"]))),
+            )  # fmt: skip
+        except CompressionFailed as exc:
+            self.registry.update_job(job_id, state="failed", error=f"{exc.kind}: {exc.message}")
+            return self.registry.transition(record.id, VariantState.FAILED, reason=f"{exc.kind}: {exc.message}")
+        self.registry.update_job(job_id, state="succeeded", stage="done")
+        return self.registry.transition(
+            record.id, VariantState.EVALUATING,
+            model_path=manifest["model_path"] if manifest["on_load"] else str(out),
+            engine_args=manifest["engine_args"], size_bytes=manifest["size_bytes"],
+            seconds_to_make=manifest["seconds_to_make"],
+        )  # fmt: skip
+
+    async def _evaluate(self, model: ModelRecord, record: VariantRecord, engine: Engine) -> None:
+        windows = await self._eval_windows(model)
+        async with httpx.AsyncClient(timeout=3600, trust_env=False) as http:
+            ppl = await perplexity(http, engine.base_url, record.id, windows)
+            answer = await sanity_answer(http, engine.base_url, record.id)
+        base = next((v for v in self.registry.variants(model.name) if v.method == "base"), None)
+        delta = 0.0 if record.method == "base" else (ppl.ppl / base.ppl - 1 if base and base.ppl else None)
+        fields = {"ppl": ppl.ppl, "ppl_delta": delta, "sanity": answer}
+        if delta is not None and delta > model.max_ppl_delta:
+            reason = f"ppl delta {delta:+.1%} exceeds the model's floor of {model.max_ppl_delta:+.1%}"
+            record = self.registry.transition(record.id, VariantState.REJECTED, reason=reason, **fields)
+            await self.supervisor.remove(record.id)
+            logger.warning("variant %s rejected: %s", record.id, reason)
+        else:
+            record = self.registry.transition(record.id, VariantState.READY, **fields)
+            logger.info("variant %s ready: ppl %.3f (delta %s)", record.id, ppl.ppl,
+                        "n/a" if delta is None else f"{delta:+.1%}")
+        self.catalog.add_variant(catalog_variant(record), int(model.created_at))
+
+    async def _eval_windows(self, model: ModelRecord) -> list[list[int]]:
+        if model.name not in self._windows:
+            self._windows[model.name] = await asyncio.to_thread(
+                evaluation_windows, model.checkpoint_path, PROFILES[self.profile]
+            )
+        return self._windows[model.name]
+
+    def _fail(self, variant_id: str, reason: str) -> None:
+        try:
+            record = self.registry.transition(variant_id, VariantState.FAILED, reason=reason)
+        except RegistryError as exc:  # e.g. the model was removed while it was being built
+            logger.warning("could not mark %s failed: %s", variant_id, exc)
+            return
+        self.catalog.add_variant(catalog_variant(record), int(record.created_at))

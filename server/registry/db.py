@@ -1,0 +1,75 @@
+"""The registry's SQLite file: WAL mode, foreign keys, and migrations kept in code.
+
+Migrations are append-only: `PRAGMA user_version` records how many have run.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE models (
+        name            TEXT PRIMARY KEY,
+        source_kind     TEXT NOT NULL CHECK (source_kind IN ('hf', 'gguf')),
+        source_path     TEXT NOT NULL,
+        source_sha256   TEXT NOT NULL,
+        checkpoint_path TEXT NOT NULL,
+        architecture    TEXT NOT NULL,
+        max_ppl_delta   REAL NOT NULL,
+        created_at      REAL NOT NULL
+    );
+    CREATE TABLE variants (
+        id               TEXT PRIMARY KEY,
+        model            TEXT NOT NULL REFERENCES models(name) ON DELETE CASCADE,
+        name             TEXT NOT NULL,
+        method           TEXT NOT NULL,
+        bits             INTEGER NOT NULL,
+        config_json      TEXT NOT NULL,
+        artifact_key     TEXT,
+        model_path       TEXT,
+        engine_args_json TEXT NOT NULL DEFAULT '[]',
+        state            TEXT NOT NULL,
+        reason           TEXT,
+        size_bytes       INTEGER,
+        seconds_to_make  REAL,
+        ppl              REAL,
+        ppl_delta        REAL,
+        sanity           TEXT,
+        log_path         TEXT,
+        attempts         INTEGER NOT NULL DEFAULT 0,
+        created_at       REAL NOT NULL,
+        updated_at       REAL NOT NULL
+    );
+    CREATE INDEX variants_by_state ON variants(state, created_at);
+    CREATE TABLE jobs (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        variant_id  TEXT NOT NULL REFERENCES variants(id) ON DELETE CASCADE,
+        state       TEXT NOT NULL CHECK (state IN ('running', 'succeeded', 'failed', 'interrupted')),
+        stage       TEXT NOT NULL DEFAULT '',
+        pid         INTEGER,
+        error       TEXT,
+        started_at  REAL NOT NULL,
+        finished_at REAL
+    );
+    """,
+)
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating and migrating if needed) the registry database."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    migrate(conn)
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")

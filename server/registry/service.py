@@ -1,0 +1,83 @@
+"""Registry operations the API and the CLI share: add, describe and remove models."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from optimizers.base import ModelInfo, OptimizerError
+from optimizers.registry import make_config
+from server.catalog import Catalog
+from server.engines.supervisor import EngineSupervisor
+from server.registry.builder import VariantBuilder, catalog_variant
+from server.registry.ingest import IngestError, ingest
+from server.registry.store import ModelRecord, Registry
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+BASE_VARIANT = "bf16"
+
+
+class ModelService:
+    def __init__(self, settings: Settings, registry: Registry, builder: VariantBuilder, catalog: Catalog,
+                 supervisor: EngineSupervisor, device: str) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.builder = builder
+        self.catalog = catalog
+        self.supervisor = supervisor
+        self.device = device
+
+    async def add(self, path: Path, name: str, methods: tuple[str, ...], max_ppl_delta: float | None = None
+                  ) -> ModelRecord:
+        """Ingest `path` as model `name` with a base variant plus `methods`; building starts at once."""
+        if not MODEL_NAME.match(name):
+            raise IngestError(f"model name {name!r} must match {MODEL_NAME.pattern} (no '@')")
+        configs = [make_config(method) for method in dict.fromkeys(methods)]
+        s = self.settings
+        source = await asyncio.to_thread(ingest, path, s.checkpoints_dir, s.logs_dir, s.cache_dir)
+        info = ModelInfo.from_checkpoint(source.checkpoint)
+        for config in configs:
+            try:
+                config.check(info, self.device)  # refuse now, not after the model is half registered
+            except OptimizerError as exc:
+                raise IngestError(str(exc)) from None
+        record = ModelRecord(name=name, source_kind=source.kind, source_path=str(source.path),
+                             source_sha256=source.sha256, checkpoint_path=str(source.checkpoint),
+                             architecture=source.architecture,
+                             max_ppl_delta=s.max_ppl_delta if max_ppl_delta is None else max_ppl_delta,
+                             created_at=time.time())  # fmt: skip
+        variants = [(BASE_VARIANT, "base", 16, {})] + [(c.method, c.method, c.bits, c.model_dump()) for c in configs]
+        self.registry.add_model(record, variants)
+        for variant in self.registry.variants(name):
+            self.catalog.add_variant(catalog_variant(variant), int(record.created_at))
+        logger.info("registered %s (%s) with variants %s", name, source.path, [v[0] for v in variants])
+        self.builder.wake()
+        return record
+
+    async def remove(self, name: str) -> None:
+        variants = self.registry.remove_model(name)
+        await asyncio.gather(*(self.supervisor.remove(v.id) for v in variants))
+        self.catalog.remove_model(name)
+        logger.info("removed %s and its %d variant(s)", name, len(variants))
+
+    def describe(self, name: str | None = None) -> list[dict[str, Any]]:
+        models = [self.registry.model(name)] if name else self.registry.models()
+        out = []
+        for model in models:
+            variants = []
+            for v in self.registry.variants(model.name):
+                row = {k: val for k, val in asdict(v).items() if k not in ("config",)}
+                row["state"] = v.state.value
+                row["config"] = v.config
+                row["jobs"] = [j.id for j in self.registry.jobs(v.id)]
+                variants.append(row)
+            out.append({**asdict(model), "variants": variants})
+        return out

@@ -1,0 +1,257 @@
+"""Registry records and their persisted state machine.
+
+    pending -> compressing -> evaluating -> ready | rejected | failed(reason)
+
+(the base variant skips compressing). Every transition is checked against TRANSITIONS and
+written in one statement, so a crash leaves each variant in exactly one recorded state;
+`recover()` turns the states a crash interrupts back into pending (or failed after
+MAX_ATTEMPTS), so nothing stays half-built.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.registry.db import connect
+
+MAX_ATTEMPTS = 3
+
+
+class VariantState(str, enum.Enum):
+    PENDING = "pending"
+    COMPRESSING = "compressing"
+    EVALUATING = "evaluating"
+    READY = "ready"
+    REJECTED = "rejected"  # measured, but below the model's quality floor: kept, not served
+    FAILED = "failed"
+
+
+S = VariantState
+TRANSITIONS: dict[VariantState, frozenset[VariantState]] = {
+    S.PENDING: frozenset({S.COMPRESSING, S.EVALUATING, S.FAILED}),
+    S.COMPRESSING: frozenset({S.EVALUATING, S.FAILED, S.PENDING}),
+    S.EVALUATING: frozenset({S.READY, S.REJECTED, S.FAILED, S.PENDING}),
+    S.READY: frozenset({S.PENDING}),
+    S.REJECTED: frozenset({S.PENDING}),
+    S.FAILED: frozenset({S.PENDING}),
+}
+INTERRUPTIBLE = (S.COMPRESSING, S.EVALUATING)
+
+
+class RegistryError(Exception):
+    pass
+
+
+class NotFound(RegistryError):
+    pass
+
+
+class AlreadyExists(RegistryError):
+    pass
+
+
+class IllegalTransition(RegistryError):
+    pass
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    name: str
+    source_kind: str
+    source_path: str
+    source_sha256: str
+    checkpoint_path: str
+    architecture: str
+    max_ppl_delta: float
+    created_at: float
+
+
+@dataclass(frozen=True)
+class VariantRecord:
+    id: str
+    model: str
+    name: str
+    method: str
+    bits: int
+    config: dict[str, Any]
+    artifact_key: str | None
+    model_path: str | None
+    engine_args: tuple[str, ...]
+    state: VariantState
+    reason: str | None
+    size_bytes: int | None
+    seconds_to_make: float | None
+    ppl: float | None
+    ppl_delta: float | None
+    sanity: str | None
+    log_path: str | None
+    attempts: int
+    created_at: float
+    updated_at: float
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> VariantRecord:
+        data = dict(row)
+        data["config"] = json.loads(data.pop("config_json"))
+        data["engine_args"] = tuple(json.loads(data.pop("engine_args_json")))
+        data["state"] = VariantState(data["state"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    id: int
+    variant_id: str
+    state: str
+    stage: str
+    pid: int | None
+    error: str | None
+    started_at: float
+    finished_at: float | None
+
+
+class Registry:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = connect(path)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # models
+    def add_model(self, record: ModelRecord, variants: list[tuple[str, str, int, dict[str, Any]]]) -> None:
+        """Insert a model and its variants (name, method, bits, config), all pending, atomically."""
+        now = time.time()
+        try:
+            with self._tx():
+                self._db.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
+                    record.name, record.source_kind, record.source_path, record.source_sha256,
+                    record.checkpoint_path, record.architecture, record.max_ppl_delta, record.created_at))  # fmt: skip
+                for name, method, bits, config in variants:
+                    self._db.execute(
+                        "INSERT INTO variants (id, model, name, method, bits, config_json, state, created_at,"
+                        " updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                        (f"{record.name}@{name}", record.name, name, method, bits, json.dumps(config), now, now),
+                    )
+        except sqlite3.IntegrityError as exc:
+            raise AlreadyExists(f"model {record.name!r} is already registered") from exc
+
+    def models(self) -> list[ModelRecord]:
+        return [ModelRecord(**dict(r)) for r in self._db.execute("SELECT * FROM models ORDER BY created_at")]
+
+    def model(self, name: str) -> ModelRecord:
+        row = self._db.execute("SELECT * FROM models WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no model named {name!r}")
+        return ModelRecord(**dict(row))
+
+    def remove_model(self, name: str) -> list[VariantRecord]:
+        """Delete a model and its variants and jobs; returns the variants it had."""
+        variants = self.variants(name)
+        self.model(name)
+        self._db.execute("DELETE FROM models WHERE name = ?", (name,))
+        return variants
+
+    # variants
+    def variants(self, model: str | None = None) -> list[VariantRecord]:
+        query, args = "SELECT * FROM variants", ()
+        if model is not None:
+            query, args = query + " WHERE model = ?", (model,)
+        return [VariantRecord.from_row(r) for r in self._db.execute(query + " ORDER BY created_at, id", args)]
+
+    def variant(self, variant_id: str) -> VariantRecord:
+        row = self._db.execute("SELECT * FROM variants WHERE id = ?", (variant_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no variant {variant_id!r}")
+        return VariantRecord.from_row(row)
+
+    def next_pending(self) -> VariantRecord | None:
+        """Oldest pending variant, base variants first (their ppl is every other one's reference)."""
+        row = self._db.execute(
+            "SELECT * FROM variants WHERE state = 'pending' ORDER BY method != 'base', created_at, id LIMIT 1"
+        ).fetchone()
+        return VariantRecord.from_row(row) if row else None
+
+    def transition(self, variant_id: str, new: VariantState, **fields: Any) -> VariantRecord:
+        """Move a variant to `new` (checked), updating the given columns in the same statement."""
+        current = self.variant(variant_id).state
+        if new not in TRANSITIONS[current]:
+            raise IllegalTransition(f"{variant_id}: {current.value} -> {new.value} is not allowed")
+        if "engine_args" in fields:
+            fields["engine_args_json"] = json.dumps(list(fields.pop("engine_args")))
+        columns = {"state": new.value, "updated_at": time.time(), **fields}
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+        cursor = self._db.execute(f"UPDATE variants SET {assignments} WHERE id = ? AND state = ?",
+                                  (*columns.values(), variant_id, current.value))
+        if cursor.rowcount != 1:
+            raise IllegalTransition(f"{variant_id} changed state concurrently")
+        return self.variant(variant_id)
+
+    def recover(self) -> list[VariantRecord]:
+        """After a crash: interrupted variants back to pending (failed after MAX_ATTEMPTS), their
+        running jobs marked interrupted. Returns the variants it touched."""
+        touched = []
+        with self._tx():
+            self._db.execute("UPDATE jobs SET state = 'interrupted', finished_at = ? WHERE state = 'running'",
+                             (time.time(),))
+            for variant in self.variants():
+                if variant.state not in INTERRUPTIBLE:
+                    continue
+                if variant.attempts + 1 >= MAX_ATTEMPTS:
+                    reason = f"interrupted {variant.attempts + 1} times while {variant.state.value}"
+                    touched.append(self.transition(variant.id, S.FAILED, reason=reason,
+                                                   attempts=variant.attempts + 1))
+                else:
+                    touched.append(self.transition(variant.id, S.PENDING, attempts=variant.attempts + 1,
+                                                   reason=f"interrupted while {variant.state.value}; retrying"))
+        return touched
+
+    # jobs
+    def start_job(self, variant_id: str, stage: str) -> int:
+        cursor = self._db.execute("INSERT INTO jobs (variant_id, state, stage, started_at) VALUES (?, 'running', ?, ?)",
+                                  (variant_id, stage, time.time()))
+        return int(cursor.lastrowid)
+
+    def update_job(self, job_id: int, **fields: Any) -> None:
+        if fields.get("state") in ("succeeded", "failed", "interrupted"):
+            fields.setdefault("finished_at", time.time())
+        assignments = ", ".join(f"{name} = ?" for name in fields)
+        self._db.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", (*fields.values(), job_id))
+
+    def job(self, job_id: int) -> JobRecord:
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return JobRecord(**dict(row))
+
+    def jobs(self, variant_id: str | None = None) -> list[JobRecord]:
+        query, args = "SELECT * FROM jobs", ()
+        if variant_id is not None:
+            query, args = query + " WHERE variant_id = ?", (variant_id,)
+        return [JobRecord(**dict(r)) for r in self._db.execute(query + " ORDER BY id", args)]
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (nesting is flattened)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._outer = False
+
+    def __enter__(self) -> None:
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._outer = True
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if self._outer:
+            self._db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,125 @@
+"""The registry's SQLite file and state machine, on a real file."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import pytest
+
+from server.registry.db import MIGRATIONS, connect
+from server.registry.store import (
+    MAX_ATTEMPTS,
+    AlreadyExists,
+    IllegalTransition,
+    ModelRecord,
+    NotFound,
+    Registry,
+    VariantState,
+)
+
+S = VariantState
+
+
+def _model(name: str = "m") -> ModelRecord:
+    return ModelRecord(name, "hf", "/src", "ab" * 32, "/src", "LlamaForCausalLM", 0.3, time.time())
+
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    reg = Registry(tmp_path / "registry.sqlite3")
+    reg.add_model(_model(), [("bf16", "base", 16, {}), ("int8", "int8", 8, {"smoothing_strength": 0.8})])
+    return reg
+
+
+def test_file_is_wal_and_migrated(tmp_path) -> None:
+    conn = connect(tmp_path / "r.sqlite3")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    connect(tmp_path / "r.sqlite3")  # migrating again is a no-op
+
+
+def test_model_and_variants_round_trip(registry: Registry, tmp_path) -> None:
+    again = Registry(tmp_path / "registry.sqlite3")  # a second connection sees committed data
+    assert [m.name for m in again.models()] == ["m"]
+    variants = again.variants("m")
+    assert [(v.id, v.state) for v in variants] == [("m@bf16", S.PENDING), ("m@int8", S.PENDING)]
+    assert variants[1].config == {"smoothing_strength": 0.8}
+
+
+def test_duplicate_model_is_refused_and_adds_nothing(registry: Registry) -> None:
+    with pytest.raises(AlreadyExists):
+        registry.add_model(_model(), [("bf16", "base", 16, {})])
+    assert len(registry.variants()) == 2
+
+
+def test_next_pending_is_the_base_first(registry: Registry) -> None:
+    assert registry.next_pending().id == "m@bf16"
+    registry.transition("m@bf16", S.EVALUATING)
+    assert registry.next_pending().id == "m@int8"
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed"),
+    [
+        ([S.COMPRESSING, S.EVALUATING, S.READY], True),
+        ([S.COMPRESSING, S.EVALUATING, S.REJECTED], True),
+        ([S.COMPRESSING, S.FAILED, S.PENDING], True),
+        ([S.READY], False),
+        ([S.COMPRESSING, S.READY], False),
+        ([S.EVALUATING, S.COMPRESSING], False),
+        ([S.FAILED, S.READY], False),
+    ],
+)
+def test_transitions(registry: Registry, path: list[VariantState], allowed: bool) -> None:
+    def walk() -> None:
+        for state in path:
+            registry.transition("m@int8", state)
+
+    if allowed:
+        walk()
+        assert registry.variant("m@int8").state is path[-1]
+    else:
+        with pytest.raises(IllegalTransition):
+            walk()
+
+
+def test_transition_updates_fields_atomically(registry: Registry) -> None:
+    registry.transition("m@int8", S.COMPRESSING, artifact_key="k")
+    record = registry.transition("m@int8", S.EVALUATING, engine_args=["--x", "1"], size_bytes=10)
+    assert (record.artifact_key, record.engine_args, record.size_bytes) == ("k", ("--x", "1"), 10)
+
+
+def test_recover_puts_interrupted_work_back_to_pending_then_fails_it(registry: Registry) -> None:
+    job = registry.start_job("m@int8", "compressing")
+    registry.transition("m@int8", S.COMPRESSING)
+    for attempt in range(1, MAX_ATTEMPTS):
+        (touched,) = registry.recover()
+        assert (touched.state, touched.attempts) == (S.PENDING, attempt)
+        assert "interrupted while compressing" in touched.reason
+        registry.transition("m@int8", S.COMPRESSING)
+    assert registry.job(job).state == "interrupted"
+    (touched,) = registry.recover()
+    assert touched.state is S.FAILED
+    assert f"interrupted {MAX_ATTEMPTS} times" in touched.reason
+
+
+def test_recover_leaves_finished_states_alone(registry: Registry) -> None:
+    registry.transition("m@bf16", S.EVALUATING)
+    registry.transition("m@bf16", S.READY, ppl=11.3)
+    assert registry.recover() == []
+    assert registry.variant("m@bf16").ppl == 11.3
+
+
+def test_remove_model_cascades(registry: Registry, tmp_path) -> None:
+    registry.start_job("m@int8", "compressing")
+    removed = registry.remove_model("m")
+    assert [v.id for v in removed] == ["m@bf16", "m@int8"]
+    assert registry.variants() == [] and registry.jobs() == []
+    with pytest.raises(NotFound):
+        registry.remove_model("m")
+
+
+def test_check_constraint_guards_the_file(registry: Registry) -> None:
+    with pytest.raises(sqlite3.IntegrityError):
+        registry._db.execute("INSERT INTO jobs (variant_id, state, started_at) VALUES ('m@int8', 'weird', 0)")
