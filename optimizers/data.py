@@ -58,8 +58,9 @@ def split(token_ids: list[int], profile: Profile) -> Split:
             f"profile {profile.name!r} needs {calib_end} calibration + "
             f"{profile.eval_windows * profile.eval_tokens} evaluation tokens; the corpus has {len(token_ids)}"
         )
-    calibration = [token_ids[i : i + profile.calibration_tokens] for i in range(0, calib_end, profile.calibration_tokens)]
-    evaluation = [token_ids[i : i + profile.eval_tokens] for i in range(eval_start, len(token_ids), profile.eval_tokens)]
+    calib_len, eval_len = profile.calibration_tokens, profile.eval_tokens
+    calibration = [token_ids[i : i + calib_len] for i in range(0, calib_end, calib_len)]
+    evaluation = [token_ids[i : i + eval_len] for i in range(eval_start, len(token_ids), eval_len)]
     return Split(calibration, evaluation)
 
 
@@ -83,10 +84,13 @@ def tokenized_split(tokenizer_path: str, profile: Profile, chat_calibration: boo
 
     With `chat_calibration` (and a tokenizer that has a chat template), every other calibration
     window is re-cast as a conversation: its prose split into a user turn and an assistant turn
-    and rendered with the model's own template, truncated to the window length. Calibrating on
-    prose alone never shows the quantizer the template's special tokens, whose activations are
-    outliers: a W8A8 SmolLM2 calibrated that way kept its perplexity but answered chat prompts
-    with garbage. Evaluation windows stay plain prose.
+    and rendered with the model's own template, truncated to the window length, so the quantizer
+    also sees the template's special tokens and the activations chat requests produce (as
+    llm-compressor's own examples calibrate on chat data). Evaluation windows stay plain prose.
+
+    What it does not fix: SmolLM2-135M's greedy answer to "What is the capital of France?" hangs
+    on a near-tie at the first token (base: "The" -1.81 vs "L" -1.93 nats), so any quantization
+    noise can flip it into a French ramble; perplexity is the measure, the answer a sanity check.
     """
     from transformers import AutoTokenizer
 

@@ -21,7 +21,8 @@ TERMINAL = {"ready", "rejected", "failed"}
 
 def _client(url: str | None) -> httpx.Client:
     host = os.environ.get("QUANTGATE_HOST", "127.0.0.1")
-    base = url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{os.environ.get('QUANTGATE_PORT', '8000')}"
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    base = url or f"http://{host}:{os.environ.get('QUANTGATE_PORT', '8000')}"
     headers = {}
     if key := os.environ.get("QUANTGATE_ADMIN_KEY"):
         headers["Authorization"] = f"Bearer {key}"
@@ -50,10 +51,10 @@ def variants_table(models: list[dict]) -> Table:
     for model in models:
         for v in model["variants"]:
             size = None if v["size_bytes"] is None else v["size_bytes"] / 1e6
-            delta = None if v["ppl_delta"] is None else 100 * v["ppl_delta"]
+            delta = "-" if v["ppl_delta"] is None else f"{100 * v['ppl_delta']:+.1f}%"
             color = {"ready": "green", "failed": "red", "rejected": "yellow"}.get(v["state"], "cyan")
             table.add_row(v["id"], v["method"], str(v["bits"]), f"[{color}]{v['state']}[/{color}]",
-                          _fmt(size, ".0f"), _fmt(v["ppl"], ".3f"), _fmt(delta, "+.1f") + ("%" if delta is not None else ""),
+                          _fmt(size, ".0f"), _fmt(v["ppl"], ".3f"), delta,
                           _fmt(v["seconds_to_make"], ".0f"), (v["reason"] or "")[:60])  # fmt: skip
     return table
 

@@ -7,7 +7,7 @@ import enum
 from dataclasses import dataclass
 
 
-class EngineState(str, enum.Enum):
+class EngineState(enum.StrEnum):
     STARTING = "starting"
     READY = "ready"
     UNHEALTHY = "unhealthy"  # remote engine not answering /health

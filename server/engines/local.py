@@ -171,10 +171,11 @@ class LocalEngine(Engine):
             self._state = EngineState.READY
             self._detail = ""
             logger.info("engine %s ready at %s", self.variant_id, self.base_url)
-            code = await self._proc.wait()
-        else:
-            await self._kill_group()
-            code = self._proc.returncode
+            await self._proc.wait()
+        # The API server is gone; its EngineCore and workers (same process group) would otherwise
+        # linger as orphans holding gigabytes, so the group goes too before any restart.
+        await self._kill_group()
+        code = self._proc.returncode
         self._detail = self._detail or f"exit code {code}"
         return ready
 

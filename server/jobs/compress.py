@@ -81,7 +81,7 @@ async def run_compression(job: CompressionJob, log_path: Path, timeout_s: float,
 
     try:
         await asyncio.wait_for(read_events(), timeout=timeout_s)
-    except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+    except (TimeoutError, asyncio.CancelledError) as exc:
         await _kill_and_clean(proc, job.out)
         if isinstance(exc, asyncio.CancelledError):
             raise

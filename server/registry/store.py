@@ -23,7 +23,7 @@ from server.registry.db import connect
 MAX_ATTEMPTS = 3
 
 
-class VariantState(str, enum.Enum):
+class VariantState(enum.StrEnum):
     PENDING = "pending"
     COMPRESSING = "compressing"
     EVALUATING = "evaluating"

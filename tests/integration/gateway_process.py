@@ -53,6 +53,13 @@ class GatewayProcess:
             time.sleep(1)
         raise TimeoutError(f"gateway not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
+    def wait_serving(self, timeout_s: float = 120) -> None:
+        """Wait until the HTTP server answers (for gateways with nothing to be ready for)."""
+        ok = wait_for(lambda: self.proc.poll() is None and httpx.get(f"{self.url}/health").status_code == 200,
+                      timeout_s)  # fmt: skip
+        if not ok:
+            raise RuntimeError(f"gateway not serving:\n{self.log_tail()}")
+
     def descendants(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
 
@@ -120,9 +127,17 @@ def engine_gauge(metrics_url: str, name: str) -> float:
 
 
 def wait_for(predicate, timeout_s: float, interval_s: float = 0.2) -> bool:
+    """Poll `predicate` until true; a connection error counts as "not yet"."""
+
+    def check() -> bool:
+        try:
+            return bool(predicate())
+        except httpx.HTTPError:
+            return False
+
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if predicate():
+        if check():
             return True
         time.sleep(interval_s)
-    return predicate()
+    return check()

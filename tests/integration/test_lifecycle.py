@@ -7,6 +7,7 @@ import signal
 import time
 
 import openai
+import psutil
 import pytest
 from fastapi.testclient import TestClient
 
@@ -37,12 +38,15 @@ def test_remote_engine_serves_through_the_same_client_path(engine_url: str, tmp_
 
 def test_crashed_engine_is_restarted(gateway: GatewayProcess, client: openai.OpenAI) -> None:
     (before,) = gateway.engines()
+    group = psutil.Process(before["pid"]).children(recursive=True)  # EngineCore, workers
+    assert group, "expected vLLM's engine-core processes under the API server"
     os.kill(before["pid"], signal.SIGKILL)
     assert wait_for(lambda: gateway.engines()[0]["state"] != "ready", 10, 0.1)
     assert wait_for(lambda: gateway.engines()[0]["state"] == "ready", 300, 1), gateway.log_tail()
     (after,) = gateway.engines()
     assert after["restarts"] == before["restarts"] + 1
     assert after["pid"] != before["pid"]
+    assert not alive(group), f"the crashed engine's children were left running: {[p.pid for p in alive(group)]}"
     completion = client.chat.completions.create(model="smollm2-135m", messages=FRANCE, temperature=0, max_tokens=20)
     assert "Paris" in completion.choices[0].message.content
 

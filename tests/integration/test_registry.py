@@ -39,8 +39,7 @@ def registry_gateway() -> Iterator[GatewayProcess]:
     """A gateway with an empty registry and no bundled model: everything comes from `models add`."""
     gateway = start_gateway(free_loopback_port(), home=shared_home("registry-e2e"), QUANTGATE_EMBEDDED_MODEL="false")
     try:
-        assert wait_for(lambda: gateway.proc.poll() is None and admin(gateway, "GET", "/admin/models").status_code
-                        == 200, 60), gateway.log_tail()  # fmt: skip
+        gateway.wait_serving()
         yield gateway
     finally:
         gateway.stop(signal.SIGTERM)
@@ -100,6 +99,9 @@ def test_models_add_builds_measures_and_serves_every_variant(registry_gateway: G
         assert "Paris" in completion.choices[0].message.content, (variant["id"], completion.choices[0].message)
     listed = {m.id: m for m in client.models.list()}
     assert set(listed) == {"smol"} | {v["id"] for v in model["variants"]}
+    # Removing stops its four engines (each vLLM CPU engine holds ~3 GB).
+    assert _cli(registry_gateway, "rm", "smol", timeout_s=120).returncode == 0
+    assert not [e for e in registry_gateway.engines() if e["variant_id"].startswith("smol@")]
     # Re-registering the same checkpoint under another name reuses the built variants.
     again = admin(registry_gateway, "POST", "/admin/models",
                   json={"path": str(find_bundled_gguf()), "name": "smol-strict", "variants": ["int4-gptq"],
@@ -129,8 +131,7 @@ def test_a_crash_mid_compression_leaves_no_half_variant() -> None:
     env = {"QUANTGATE_EMBEDDED_MODEL": "false"}
     first = start_gateway(free_loopback_port(), home=home, **env)
     try:
-        assert wait_for(lambda: admin(first, "GET", "/admin/models").status_code == 200 if first.proc.poll() is None
-                        else False, 60)  # fmt: skip
+        first.wait_serving()
         response = admin(first, "POST", "/admin/models", json={"path": str(find_bundled_gguf()), "name": "c",
                                                                 "variants": ["int8"], "max_ppl_delta": 1.0})
         assert response.status_code == 202, response.text
@@ -150,8 +151,7 @@ def test_a_crash_mid_compression_leaves_no_half_variant() -> None:
 
     second = start_gateway(free_loopback_port(), home=home, **env)
     try:
-        assert wait_for(lambda: second.proc.poll() is None and admin(second, "GET", "/admin/models").status_code
-                        == 200, 60)  # fmt: skip
+        second.wait_serving()
         assert not any((home / "artifacts").glob(".*.tmp-*")), "half-written variant left after restart"
         assert wait_for(lambda: _states(second, "c")["int8"] == "ready", 900, 2), second.log_tail()
         registry = Registry(home / "registry.sqlite3")

@@ -13,12 +13,12 @@ import pytest
 from optimizers.data import PROFILES, tokenized_split
 from optimizers.evaluate import perplexity, sanity_answer
 from optimizers.job import checkpoint_bytes
+from optimizers.registry import make_config
 from server.bootstrap import local_engine_config
 from server.engines.base import EngineState
 from server.engines.hardware import detect
 from server.engines.local import LocalEngine
 from server.jobs.compress import CompressionJob, run_compression
-from optimizers.registry import make_config
 from server.models.embedded import ensure_checkpoint, find_bundled_gguf, sha256_file
 from server.registry.artifacts import artifact_dir, artifact_key
 from server.settings import Settings

@@ -74,7 +74,8 @@ def test_body_over_the_limit_is_413(client: TestClient) -> None:
 
 
 def test_malformed_json_is_400(client: TestClient) -> None:
-    response = client.post("/v1/completions", content=b"{not json", headers={**_auth(), "content-type": "application/json"})
+    headers = {**_auth(), "content-type": "application/json"}
+    response = client.post("/v1/completions", content=b"{not json", headers=headers)
     assert "not valid JSON" in _assert_openai_error(response, 400)["message"]
 
 
