@@ -74,12 +74,12 @@ class Gateway:
             variant = choose_variant(model, serving)
         engine = self.supervisor.get(variant.id) if variant is not None else None
         if variant is None or engine is None:
-            states = {s.variant_id: s.state.value for s in self.supervisor.statuses()
-                      if s.variant_id.startswith(f"{model.name}@")}
-            raise EngineUnavailable(
-                f"no engine is serving '{requested}' yet (engines: {states or 'none'})",
-                headers={"Retry-After": "5"},
-            )
+            if pinned is not None and pinned.state in ("rejected", "failed"):
+                raise EngineUnavailable(f"variant '{pinned.id}' is {pinned.state} and not served; see "
+                                        "GET /admin/models for the reason")  # fmt: skip
+            states = {v.id: v.state for v in model.variants}
+            raise EngineUnavailable(f"no engine is serving '{requested}' yet (variants: {states})",
+                                    headers={"Retry-After": "5"})
         return model, variant, engine
 
     async def forward(self, request: Request, endpoint: Endpoint) -> Response:

@@ -172,9 +172,9 @@ class Registry:
         return VariantRecord.from_row(row)
 
     def next_pending(self) -> VariantRecord | None:
-        """Oldest pending variant, base variants first (their ppl is every other one's reference)."""
+        """Oldest pending variant in the order asked for, base variants first (the reference ppl)."""
         row = self._db.execute(
-            "SELECT * FROM variants WHERE state = 'pending' ORDER BY method != 'base', created_at, id LIMIT 1"
+            "SELECT * FROM variants WHERE state = 'pending' ORDER BY method != 'base', created_at, rowid LIMIT 1"
         ).fetchone()
         return VariantRecord.from_row(row) if row else None
 

@@ -16,6 +16,9 @@ def gateway() -> Iterator[GatewayProcess]:
     running = start_gateway(free_loopback_port())
     try:
         running.wait_ready()
+        # /ready turns 200 while the registry still measures the base on its engine; tests that
+        # count the engine's running requests need that done.
+        running.wait_built()
         yield running
     finally:
         children = running.descendants() if running.proc.poll() is None else []
@@ -34,7 +37,8 @@ def client(gateway: GatewayProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def engine_url(gateway: GatewayProcess) -> str:
+    """The base engine's URL now (a restarted engine gets a new port)."""
     (engine,) = gateway.engines()
     return engine["base_url"]

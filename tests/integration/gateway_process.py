@@ -60,6 +60,16 @@ class GatewayProcess:
         if not ok:
             raise RuntimeError(f"gateway not serving:\n{self.log_tail()}")
 
+    def wait_built(self, timeout_s: float = 900) -> None:
+        """Wait until every registered variant is ready, rejected or failed (the builder is idle)."""
+
+        def built() -> bool:
+            models = admin(self, "GET", "/admin/models").json()["models"]
+            return all(v["state"] in ("ready", "rejected", "failed") for m in models for v in m["variants"])
+
+        if not wait_for(built, timeout_s, 1):
+            raise TimeoutError(f"variants still building after {timeout_s:.0f} s:\n{self.log_tail()}")
+
     def descendants(self) -> list[psutil.Process]:
         return psutil.Process(self.proc.pid).children(recursive=True)
 

@@ -29,7 +29,7 @@ def test_stream_disconnect_aborts_the_engine_request(gateway: GatewayProcess, en
         lines = response.iter_lines()
         data = [line for line in (next(lines) for _ in range(12)) if line.startswith("data:")]
         assert data, "no SSE data before disconnecting"
-        assert _running(engine_url) == 1
+        assert _running(engine_url) >= 1
     # The connection is closed mid-stream: 1,500 tokens would take a minute more.
     assert wait_for(lambda: _running(engine_url) == 0, 10), "engine still generating after the client left"
 
@@ -46,7 +46,7 @@ def test_non_streaming_disconnect_aborts_the_engine_request(gateway: GatewayProc
 
     thread = threading.Thread(target=impatient_client)
     thread.start()
-    assert wait_for(lambda: _running(engine_url) == 1, 4), "the request never reached the engine"
+    assert wait_for(lambda: _running(engine_url) >= 1, 4), "the request never reached the engine"
     thread.join()
     assert errors, "the request finished before the client gave up; make it longer"
     assert wait_for(lambda: _running(engine_url) == 0, 10), "engine still generating after the client left"

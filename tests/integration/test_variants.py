@@ -22,7 +22,7 @@ from server.jobs.compress import CompressionJob, run_compression
 from server.models.embedded import ensure_checkpoint, find_bundled_gguf, sha256_file
 from server.registry.artifacts import artifact_dir, artifact_key
 from server.settings import Settings
-from tests.integration.gateway_process import TEST_HOME
+from tests.integration.gateway_process import TEST_HOME, GatewayProcess
 
 pytestmark = pytest.mark.engine
 
@@ -46,10 +46,12 @@ def eval_windows(base_checkpoint: Path) -> list[list[int]]:
 
 
 @pytest.fixture(scope="session")
-def base_ppl(engine_url: str, eval_windows: list[list[int]]) -> float:
+def base_ppl(gateway: GatewayProcess, eval_windows: list[list[int]]) -> float:
+    (engine,) = gateway.engines()
+
     async def measure() -> float:
         async with httpx.AsyncClient(timeout=600) as http:
-            return (await perplexity(http, engine_url, "smollm2-135m@bf16", eval_windows)).ppl
+            return (await perplexity(http, engine["base_url"], "smollm2-135m@bf16", eval_windows)).ppl
 
     return asyncio.run(measure())
 
