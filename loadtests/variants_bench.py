@@ -90,8 +90,17 @@ async def main_async(args: argparse.Namespace) -> None:
               "rows": []}  # fmt: skip
     out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Rows of variants this run does not measure are kept from the previous report of the profile.
+    previous = out_dir / f"variants-{args.profile}.json"
+    kept = json.loads(previous.read_text())["rows"] if previous.is_file() else []
 
     def save() -> None:
+        measured = {row["variant"] for row in result["rows"]}
+        order = ["bf16", *args.methods]
+        extra = [row for row in kept if row["variant"] not in measured]
+        result["rows"] = sorted([*result["rows"], *extra],
+                                key=lambda r: order.index(r["variant"].split("@")[1]) if r["variant"].split("@")[1]
+                                in order else len(order))  # fmt: skip
         (out_dir / f"variants-{args.profile}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out_dir / f"variants-{args.profile}.md").write_text(render(result))
 
