@@ -10,9 +10,6 @@ windows, so their numbers compare.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
-
-ProfileName = Literal["full", "fast"]
 
 # Bump when the corpus, the split or the chat re-casting changes: variants calibrated on other
 # data must not be reused as if they were the same (it is part of every job's key).

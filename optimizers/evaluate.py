@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import httpx
 
@@ -78,7 +78,3 @@ async def throughput(http: httpx.AsyncClient, base_url: str, model: str, concurr
     started = time.perf_counter()
     tokens = await asyncio.gather(*(one() for _ in range(concurrency)))
     return sum(tokens) / (time.perf_counter() - started)
-
-
-def as_dict(value: Perplexity) -> dict:
-    return asdict(value)

@@ -31,10 +31,15 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
     return json.loads(manifest.read_text()) if manifest.is_file() else None
 
 
+def calibration_tag(config: MethodConfig, profile: str) -> str:
+    """The calibration data a job uses: part of every key that says two outputs are the same."""
+    return f"{profile}/v{CALIBRATION_VERSION}" if config.needs_calibration else "none"
+
+
 def job_key(config: MethodConfig, source: Path, profile: str) -> str:
     """What makes two jobs' outputs interchangeable: method config, source and calibration data."""
-    data = f"{profile}/v{CALIBRATION_VERSION}" if config.needs_calibration else "none"
-    return hashlib.sha256(f"{config.fingerprint()}|{source.resolve()}|{data}".encode()).hexdigest()
+    key = f"{config.fingerprint()}|{source.resolve()}|{calibration_tag(config, profile)}"
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def run_job(config: MethodConfig, source: Path, out: Path, profile: str, device: Device,

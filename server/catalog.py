@@ -61,12 +61,6 @@ class Catalog:
         model = self._models.setdefault(variant.model, LogicalModel(variant.model, created))
         model.variants = [v for v in model.variants if v.name != variant.name] + [variant]
 
-    def remove_variant(self, variant_id: str) -> None:
-        model_name, name = split_model_name(variant_id)
-        model = self._models.get(model_name)
-        if model is not None:
-            model.variants = [v for v in model.variants if v.name != name]
-
     def remove_model(self, name: str) -> None:
         self._models.pop(name, None)
 

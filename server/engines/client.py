@@ -65,8 +65,3 @@ class EngineClient:
             await response.aclose()
             raise upstream_error(variant_id, response.status_code, content)
         return response
-
-    async def get_text(self, url: str) -> str:
-        response = await self._http.get(url)
-        response.raise_for_status()
-        return response.text

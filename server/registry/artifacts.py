@@ -8,12 +8,12 @@ import hashlib
 from pathlib import Path
 
 from optimizers.base import MethodConfig
-from optimizers.data import CALIBRATION_VERSION
+from optimizers.job import calibration_tag
 
 
 def artifact_key(source_sha256: str, config: MethodConfig, profile: str) -> str:
-    data = f"{profile}/v{CALIBRATION_VERSION}" if config.needs_calibration else "none"
-    return hashlib.sha256(f"{source_sha256}|{config.fingerprint()}|{data}".encode()).hexdigest()
+    key = f"{source_sha256}|{config.fingerprint()}|{calibration_tag(config, profile)}"
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def artifact_dir(home: Path, key: str) -> Path:
