@@ -22,7 +22,9 @@ from server.metrics import GatewayMetrics
 from server.registry.builder import VariantBuilder
 from server.registry.service import ModelService
 from server.registry.store import Registry
+from server.routing.predictor import LatencyBook
 from server.settings import Settings
+from server.telemetry.engine_load import EngineLoadScraper
 
 logger = logging.getLogger(__name__)
 
@@ -37,26 +39,30 @@ def create_app(settings: Settings) -> FastAPI:
         hardware = detect(settings.engine_device)
         logger.info("engines on %s (native bf16 on CPU: %s)", hardware.device, hardware.cpu_native_bf16)
         registry = Registry(settings.registry_path)
+        book = LatencyBook()
+        load = EngineLoadScraper(supervisor.statuses, http, settings.load_scrape_interval_s)
         builder = VariantBuilder(
             registry, catalog, supervisor, settings.home,
             engine_config=lambda vid, path, args: local_engine_config(settings, hardware, vid, path, args),
-            remote_engines={k: str(v) for k, v in settings.remote_engines.items()},
+            remote_engines=dict(settings.remote_engines), book=book,
             profile=settings.registry_profile, compress_timeout_s=settings.compress_timeout_s,
             compress_python=settings.compress_python, engine_ready_timeout_s=settings.engine_start_timeout_s,
         )  # fmt: skip
         service = ModelService(settings, registry, builder, catalog, supervisor, hardware.device)
-        gateway = Gateway(settings, catalog, supervisor, EngineClient(http), GatewayMetrics(supervisor.statuses),
-                          service)
+        metrics = GatewayMetrics(supervisor.statuses, load.all)
+        gateway = Gateway(settings, catalog, supervisor, EngineClient(http), metrics, service, book, load)
         app.state.gateway = gateway
         boot = asyncio.create_task(Bootstrap(settings, registry, builder, service, catalog, supervisor).run(),
                                    name="bootstrap")
         boot.add_done_callback(_log_bootstrap_failure)
+        scraper = asyncio.create_task(load.run(), name="engine-load")
         try:
             yield
         finally:
-            boot.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await boot
+            for task in (boot, scraper):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             await supervisor.stop_all()
             await http.aclose()
             registry.close()

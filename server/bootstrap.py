@@ -18,8 +18,8 @@ from server.engines.supervisor import EngineSupervisor
 from server.models.embedded import find_bundled_gguf
 from server.registry.builder import VariantBuilder, catalog_variant
 from server.registry.service import BASE_VARIANT, ModelService
-from server.registry.store import Registry, VariantState
-from server.settings import Settings
+from server.registry.store import Registry, VariantRecord, VariantState
+from server.settings import RemoteEngineSpec, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +58,15 @@ class Bootstrap:
         for leftover in (self.settings.home / "artifacts").glob(".*.tmp-*"):
             logger.warning("removing %s, left by a job that was killed", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
-        await self._attach_unregistered_remotes()
+        remotes = await self._attach_unregistered_remotes()
         if self.settings.embedded_model and not self.registry.models():
             await self.service.add(find_bundled_gguf(), self.settings.embedded_model_name,
                                    self.settings.default_variants)
         await self._serve_registered()
-        await self.builder.run()
+        async with asyncio.TaskGroup() as tasks:
+            for engine in remotes:
+                tasks.create_task(self.builder.profile_when_serving(engine))
+            tasks.create_task(self.builder.run())
 
     async def _serve_registered(self) -> None:
         """Put every registered variant in the catalog; start engines for the ready ones."""
@@ -72,30 +75,40 @@ class Bootstrap:
             for record in self.registry.variants(model.name):
                 self.catalog.add_variant(catalog_variant(record), int(model.created_at))
                 if record.state is VariantState.READY:
-                    starts.append(self.builder.start_engine(record))
+                    starts.append(self._start_ready(record))
         results = await asyncio.gather(*starts, return_exceptions=True)
         for result in results:
             if isinstance(result, Exception):
                 logger.error("a ready variant's engine failed to start: %s", result)
 
-    async def _attach_unregistered_remotes(self) -> None:
-        """QUANTGATE_REMOTE_ENGINES entries whose model is not registered: served as they are."""
+    async def _start_ready(self, record: VariantRecord) -> None:
+        engine = await self.builder.start_engine(record)
+        await self.builder.load_or_profile(record, engine)
+
+    async def _attach_unregistered_remotes(self) -> list[RemoteEngine]:
+        """QUANTGATE_REMOTE_ENGINES entries whose model is not registered: served as declared."""
         registered = {m.name for m in self.registry.models()}
         now = int(time.time())
-        for variant_id, url in self.settings.remote_engines.items():
+        attached = []
+        for variant_id, spec in self.settings.remote_engines.items():
             model, name = split_model_name(variant_id)
             if model in registered:
                 continue  # the builder attaches it when it builds that variant
-            self.catalog.add_variant(_variant_from_name(model, name or BASE_VARIANT), now)
-            await self.supervisor.add(RemoteEngine(variant_id, str(url)))
+            self.catalog.add_variant(_declared_variant(model, name or BASE_VARIANT, spec), now)
+            engine = RemoteEngine(variant_id, str(spec.url), accepts_priority=spec.priority_scheduling)
+            await self.supervisor.add(engine)
+            attached.append(engine)
+        return attached
 
 
 _BASE_NAMES = {"bf16": 16, "fp16": 16, "fp32": 32, "base": 16}
 
 
-def _variant_from_name(model: str, name: str) -> Variant:
-    """A remote variant's metadata, known only from its name (no registry record)."""
-    if name in _BASE_NAMES:
-        return Variant(model=model, name=name, method="base", bits=_BASE_NAMES[name])
-    bits = 4 if "4" in name else 8 if "8" in name else 16
-    return Variant(model=model, name=name, method=name, bits=bits)
+def _declared_variant(model: str, name: str, spec: RemoteEngineSpec) -> Variant:
+    """A remote variant's metadata with no registry record: as declared in the settings, else
+    guessed from its name (then it has no measured quality and ranks after measured variants)."""
+    method = spec.method or ("base" if name in _BASE_NAMES else name)
+    guessed = _BASE_NAMES.get(name, 4 if "4" in name else 8 if "8" in name else 16)
+    ppl_delta = 0.0 if method == "base" else spec.ppl_delta
+    return Variant(model=model, name=name, method=method, bits=spec.bits or guessed, size_bytes=spec.size_bytes,
+                   ppl_delta=ppl_delta)

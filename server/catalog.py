@@ -36,6 +36,11 @@ class Variant:
         return f"{self.model}{VARIANT_SEPARATOR}{self.name}"
 
 
+def accuracy_key(variant: Variant) -> tuple[bool, bool, float]:
+    """Sorts most accurate first: the base, then by measured ppl delta, unmeasured last."""
+    return (variant.method != "base", variant.ppl_delta is None, variant.ppl_delta or 0.0)
+
+
 @dataclass
 class LogicalModel:
     name: str
@@ -44,7 +49,7 @@ class LogicalModel:
 
     def accuracy_order(self) -> list[Variant]:
         """Most accurate first: the base, then by measured ppl delta, unmeasured last."""
-        return sorted(self.variants, key=lambda v: (v.method != "base", v.ppl_delta is None, v.ppl_delta or 0.0))
+        return sorted(self.variants, key=accuracy_key)
 
 
 def split_model_name(name: str) -> tuple[str, str | None]:

@@ -67,6 +67,17 @@ class EngineUnavailable(GatewayError):
     default_code = "engine_unavailable"
 
 
+class NoVariantWithinBudget(GatewayError):
+    """No variant is predicted to meet the budget and the policy is `reject`."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "latency_budget_unmet"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 class UpstreamError(GatewayError):
     """The engine answered with an error the gateway has no better name for."""
 

@@ -1,13 +1,16 @@
-"""The gateway service: picks a variant for a request and forwards it to that variant's engine.
+"""The gateway service: routes a request to a variant and forwards it to that variant's engine.
 
-Route handlers stay thin; this class holds what the app owns (catalog, engines, metrics) and
-the request path. Routing policy lives apart from this mechanism (see `choose_variant`).
+Route handlers stay thin; this class holds what the app owns (catalog, engines, metrics, the
+latency book) and the request path. Policy lives in `server.routing` (a pure Router over frozen
+snapshots); this is the mechanism around it: snapshots in, Decision out, forward, retry before
+the first byte, observe.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,16 +18,22 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.api.body import ClientDisconnected, read_json_body, unless_disconnected
+from server.api.features import estimate_prompt_tokens, request_budget
 from server.api.protocol import GATEWAY_FIELDS, ChatCompletionRequest, CompletionRequest, parse_request
 from server.api.streaming import StreamTiming, relay
 from server.catalog import Catalog, LogicalModel, Variant
-from server.engines.base import Engine
 from server.engines.client import EngineClient
 from server.engines.supervisor import EngineSupervisor
-from server.errors import EngineUnavailable, GatewayError
+from server.errors import EngineUnavailable, GatewayError, NoVariantWithinBudget
 from server.metrics import GatewayMetrics
+from server.observations import Call, Observations, Observed
 from server.registry.service import ModelService
+from server.routing.config import RoutingConfig
+from server.routing.predictor import LatencyBook
+from server.routing.router import Router
+from server.routing.types import Budget, Candidate, Decision, EngineLoad, RequestFeatures
 from server.settings import Settings
+from server.telemetry.engine_load import EngineLoadScraper
 
 logger = logging.getLogger(__name__)
 
@@ -35,27 +44,27 @@ CLIENT_CLOSED = 499  # nginx's status for "client closed request"; never sent, o
 class Endpoint:
     name: str
     path: str
-    schema: type[ChatCompletionRequest] | type[CompletionRequest]
+    schema: type[ChatCompletionRequest | CompletionRequest]
 
 
 CHAT = Endpoint("chat", "/v1/chat/completions", ChatCompletionRequest)
 COMPLETIONS = Endpoint("completions", "/v1/completions", CompletionRequest)
 
 
-def choose_variant(model: LogicalModel, serving: set[str]) -> Variant | None:
-    """The most accurate servable variant whose engine is serving."""
-    return next((v for v in model.accuracy_order() if v.servable and v.id in serving), None)
-
-
 class Gateway:
-    def __init__(self, settings: Settings, catalog: Catalog, supervisor: EngineSupervisor,
-                 engines: EngineClient, metrics: GatewayMetrics, models: ModelService) -> None:
+    def __init__(self, settings: Settings, catalog: Catalog, supervisor: EngineSupervisor, engines: EngineClient,
+                 metrics: GatewayMetrics, models: ModelService, book: LatencyBook, load: EngineLoadScraper) -> None:
         self.settings = settings
         self.models = models
         self.catalog = catalog
         self.supervisor = supervisor
         self.engines = engines
         self.metrics = metrics
+        self.book = book
+        self.load = load
+        self.observations = Observations(metrics, book)
+        self.in_flight: Counter[str] = Counter()
+        self._routers: dict[str, Router] = {}
 
     def serving_variant_ids(self) -> set[str]:
         return {s.variant_id for s in self.supervisor.statuses() if s.serving}
@@ -65,22 +74,70 @@ class Gateway:
         serving = self.serving_variant_ids()
         return {m.name: any(v.servable and v.id in serving for v in m.variants) for m in self.catalog.models()}
 
-    def select(self, requested: str) -> tuple[LogicalModel, Variant, Engine]:
-        model, pinned = self.catalog.resolve(requested)
+    def router(self, model: str) -> Router:
+        if model not in self._routers:
+            self._routers[model] = Router(self.settings.routing_for(model))
+        return self._routers[model]
+
+    # --- snapshots and decisions (no I/O) ---------------------------------------------------
+
+    def features(self, model: str, body: dict[str, Any], parsed: Any, headers: Any,
+                 config: RoutingConfig) -> RequestFeatures:  # fmt: skip
+        tier = parsed.service_tier or "default"
+        budget = request_budget(headers, parsed.latency_budget_ms)
+        if not budget.any:
+            budget = config.tier(tier).default_budget()
+        if not parsed.stream and budget.ttft_ms is not None:
+            # Unstreamed, the first token reaches the client with the last: TTFT bounds e2e.
+            e2e = min(budget.ttft_ms, budget.e2e_ms or budget.ttft_ms)
+            budget = Budget(e2e, None, budget.tpot_ms, budget.source)
+        requested = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
+        output = requested or self.book.completion_lengths(model).quantile(config.output_tokens_quantile,
+                                                                           config.default_output_tokens)
+        return RequestFeatures(estimate_prompt_tokens(body), output, budget, tier)
+
+    def candidates(self, model: LogicalModel, features: RequestFeatures
+                   ) -> tuple[list[Candidate], dict[str, tuple[float, float]]]:  # fmt: skip
         serving = self.serving_variant_ids()
+        candidates, raws = [], {}
+        for variant in model.variants:
+            gauges = self.load.gauges(variant.id)
+            load = EngineLoad(self.in_flight[variant.id], gauges.running, gauges.waiting, gauges.kv_usage)
+            latency = self.book.get(variant.id)
+            prediction = None
+            if latency is not None:
+                prediction = latency.predict(features.prompt_tokens, features.output_tokens, load)
+                raws[variant.id] = latency.raw(features.prompt_tokens, features.output_tokens, load)
+            candidates.append(Candidate(variant, variant.id in serving, load, prediction))
+        return candidates, raws
+
+    def decide(self, model: LogicalModel, pinned: Variant | None, features: RequestFeatures
+               ) -> tuple[Decision, dict[str, tuple[float, float]]]:  # fmt: skip
+        candidates, raws = self.candidates(model, features)
         if pinned is not None:
-            variant = pinned if pinned.servable and pinned.id in serving else None
-        else:
-            variant = choose_variant(model, serving)
-        engine = self.supervisor.get(variant.id) if variant is not None else None
-        if variant is None or engine is None:
-            if pinned is not None and pinned.state in ("rejected", "failed"):
-                raise EngineUnavailable(f"variant '{pinned.id}' is {pinned.state} and not served; see "
-                                        "GET /admin/models for the reason")  # fmt: skip
-            states = {v.id: v.state for v in model.variants}
-            raise EngineUnavailable(f"no engine is serving '{requested}' yet (variants: {states})",
-                                    headers={"Retry-After": "5"})
-        return model, variant, engine
+            chosen = next(c for c in candidates if c.variant.id == pinned.id)
+            if not (chosen.serving and pinned.servable):
+                if pinned.state in ("rejected", "failed"):
+                    raise EngineUnavailable(f"variant '{pinned.id}' is {pinned.state} and not served; see "
+                                            "GET /admin/models for the reason")  # fmt: skip
+                raise EngineUnavailable(f"variant '{pinned.id}' is not being served yet (state {pinned.state})",
+                                        headers={"Retry-After": "5"})
+            return Decision(pinned, chosen.prediction, "pinned", "none"), raws
+        decision = self.router(model.name).route(features, candidates)
+        if decision.variant is not None:
+            return decision, raws
+        if decision.reason == "rejected":
+            self.observations.rejected(model.name)
+            raise NoVariantWithinBudget(
+                f"no variant of '{model.name}' is predicted to meet the latency budget "
+                f"({_describe(features.budget)}) at the current load; retry in {decision.retry_after_s} s",
+                retry_after_s=decision.retry_after_s or 1,
+            )  # fmt: skip
+        states = {v.id: v.state for v in model.variants}
+        raise EngineUnavailable(f"no engine is serving '{model.name}' yet (variants: {states})",
+                                headers={"Retry-After": "5"})
+
+    # --- the request path --------------------------------------------------------------------
 
     async def forward(self, request: Request, endpoint: Endpoint) -> Response:
         started = time.perf_counter()
@@ -88,16 +145,43 @@ class Gateway:
         try:
             body = await read_json_body(request, self.settings.limits.max_body_bytes)
             parsed = parse_request(endpoint.schema, body, self.settings.limits)
-            model, variant, engine = self.select(parsed.model)
-            labels.update(model=model.name, variant=variant.id)
+            model, pinned = self.catalog.resolve(parsed.model)
+            labels["model"] = model.name
+            config = self.settings.routing_for(model.name)
+            features = self.features(model.name, body, parsed, request.headers, config)
+            decision, raws = self.decide(model, pinned, features)
+            labels["variant"] = decision.variant.id
+            self.metrics.decisions.labels(model.name, decision.variant.id, decision.reason).inc()
             upstream_body = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
-            upstream_body["model"] = variant.id
-            url = f"{engine.base_url}{endpoint.path}"
-            headers = {"x-quantgate-variant": variant.id}
+            priority = config.tier(features.tier).engine_priority
+            attempts = [(decision.variant, decision.prediction)]
+            if pinned is None:
+                attempts += [(c.variant, c.prediction) for c in decision.fallbacks]
             self.metrics.overhead.labels(endpoint.name).observe(time.perf_counter() - started)
-            if parsed.stream:
-                return await self._stream(variant, url, upstream_body, headers, labels, started)
-            return await self._complete(request, variant, url, upstream_body, headers, labels, started)
+            last_error: EngineUnavailable | None = None
+            for variant, prediction in attempts[: config.max_attempts]:
+                engine = self.supervisor.get(variant.id)
+                if engine is None or not engine.status().serving:
+                    continue
+                if last_error is not None:
+                    self.metrics.retries.labels(model.name, labels["variant"]).inc()
+                labels["variant"] = variant.id
+                call = Call(model.name, endpoint.name, variant, decision, features.budget, prediction,
+                            raws.get(variant.id), started)  # fmt: skip
+                upstream = {**upstream_body, "model": variant.id}
+                if priority and engine.accepts_priority:
+                    upstream["priority"] = priority
+                headers = _headers(call, features.tier)
+                url = f"{engine.base_url}{endpoint.path}"
+                try:
+                    if parsed.stream:
+                        return await self._stream(call, url, upstream, headers)
+                    return await self._complete(request, call, url, upstream, headers)
+                except EngineUnavailable as exc:  # nothing reached the client yet: the next one may serve
+                    logger.warning("%s failed before the first byte: %s", variant.id, exc)
+                    last_error = exc
+            raise last_error or EngineUnavailable(f"no engine is serving '{model.name}' right now",
+                                                  headers={"Retry-After": "5"})
         except GatewayError as exc:
             self.metrics.requests.labels(**labels, status=str(exc.status_code)).inc()
             raise
@@ -105,43 +189,77 @@ class Gateway:
             self.metrics.requests.labels(**labels, status=str(CLIENT_CLOSED)).inc()
             return Response(status_code=CLIENT_CLOSED)
 
-    async def _complete(self, request: Request, variant: Variant, url: str, body: dict[str, Any],
-                        headers: dict[str, str], labels: dict[str, str], started: float) -> Response:
-        self.metrics.in_flight.labels(variant.id).inc()
+    async def _complete(self, request: Request, call: Call, url: str, body: dict[str, Any],
+                        headers: dict[str, str]) -> Response:
+        variant_id = call.variant.id
+        self._enter(variant_id)
         try:
-            data = await unless_disconnected(request, self.engines.post_json(variant.id, url, body))
+            data = await unless_disconnected(request, self.engines.post_json(variant_id, url, body))
         finally:
-            self.metrics.in_flight.labels(variant.id).dec()
-        self._record_usage(labels, data.get("usage"))
-        self.metrics.e2e.labels(**labels).observe(time.perf_counter() - started)
-        self.metrics.requests.labels(**labels, status="200").inc()
+            self._leave(variant_id)
+        usage = data.get("usage") or {}
+        self._record_usage(call, usage)
+        tokens = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
+        self.observations.record(call, Observed(time.perf_counter() - call.started, None, None, tokens))
+        self.metrics.requests.labels(**call.labels, status="200").inc()
+        data["service_tier"] = headers["x-quantgate-service-tier"]
         return JSONResponse(data, headers=headers)
 
-    async def _stream(self, variant: Variant, url: str, body: dict[str, Any], headers: dict[str, str],
-                      labels: dict[str, str], started: float) -> Response:
-        upstream = await self.engines.open_stream(variant.id, url, body)
-        self.metrics.in_flight.labels(variant.id).inc()
+    async def _stream(self, call: Call, url: str, body: dict[str, Any], headers: dict[str, str]) -> Response:
+        upstream = await self.engines.open_stream(call.variant.id, url, body)
+        self._enter(call.variant.id)
 
         def on_close(timing: StreamTiming) -> None:
-            self.metrics.in_flight.labels(variant.id).dec()
+            self._leave(call.variant.id)
             status = "200" if timing.completed else str(CLIENT_CLOSED)
-            self.metrics.requests.labels(**labels, status=status).inc()
-            if timing.first_chunk is not None:
-                self.metrics.ttft.labels(labels["model"], labels["variant"]).observe(timing.first_chunk - started)
-            itl = self.metrics.itl.labels(labels["model"], labels["variant"])
+            self.metrics.requests.labels(**call.labels, status=status).inc()
+            itl = self.metrics.itl.labels(call.model, call.variant.id)
             for gap in timing.gaps:
                 itl.observe(gap)
-            if timing.completed:
-                self.metrics.e2e.labels(**labels).observe(time.perf_counter() - started)
-            self._record_usage(labels, timing.usage)
+            self._record_usage(call, timing.usage)
+            if timing.completed and timing.first_chunk is not None:
+                usage = timing.usage or {}
+                tokens = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
+                tpot = sum(timing.gaps) / len(timing.gaps) if timing.gaps else None
+                self.observations.record(call, Observed(time.perf_counter() - call.started,
+                                                        timing.first_chunk - call.started, tpot,
+                                                        tokens or len(timing.gaps) or None))  # fmt: skip
 
-        stream = relay(upstream, StreamTiming(started=started), on_close)
+        stream = relay(upstream, StreamTiming(started=call.started), on_close)
         return StreamingResponse(stream, media_type="text/event-stream",
                                  headers={**headers, "cache-control": "no-cache"})
 
-    def _record_usage(self, labels: dict[str, str], usage: dict | None) -> None:
+    def _enter(self, variant_id: str) -> None:
+        self.in_flight[variant_id] += 1
+        self.metrics.in_flight.labels(variant_id).inc()
+
+    def _leave(self, variant_id: str) -> None:
+        self.in_flight[variant_id] -= 1
+        self.metrics.in_flight.labels(variant_id).dec()
+
+    def _record_usage(self, call: Call, usage: dict | None) -> None:
         if not usage:
             return
         for kind in ("prompt_tokens", "completion_tokens"):
             if isinstance(usage.get(kind), int):
-                self.metrics.tokens.labels(labels["model"], labels["variant"], kind.split("_")[0]).inc(usage[kind])
+                self.metrics.tokens.labels(call.model, call.variant.id, kind.split("_")[0]).inc(usage[kind])
+
+
+def _headers(call: Call, tier: str) -> dict[str, str]:
+    headers = {
+        "x-quantgate-variant": call.variant.id,
+        "x-quantgate-budget": call.decision.budget_status,
+        "x-quantgate-route": call.decision.reason,
+        # As OpenAI does, the tier actually used: `auto` is served as `default`.
+        "x-quantgate-service-tier": "default" if tier == "auto" else tier,
+    }
+    if call.prediction is not None:
+        headers["x-quantgate-predicted-ms"] = str(round(call.prediction.e2e_ms))
+        headers["x-quantgate-predicted-ttft-ms"] = str(round(call.prediction.ttft_ms))
+    return headers
+
+
+def _describe(budget: Budget) -> str:
+    parts = [f"{name} <= {value:.0f} ms" for name, value in
+             (("e2e", budget.e2e_ms), ("ttft", budget.ttft_ms), ("tpot", budget.tpot_ms)) if value is not None]
+    return ", ".join(parts) or "none"

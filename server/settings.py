@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, Field, field_validator, model_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from server.routing.config import RoutingConfig
 
 MIN_KEY_LENGTH = 16
 
@@ -25,6 +27,19 @@ class Limits(BaseSettings):
     max_tokens: int = Field(4096, ge=1, le=1_048_576)
     max_logprobs: int = Field(20, ge=0, le=20)
     max_messages: int = Field(512, ge=1, le=100_000)
+
+
+class RemoteEngineSpec(BaseModel):
+    """A vLLM server somebody else runs. For a model the registry does not know, what it serves
+    is declared here (quality measured elsewhere); otherwise the registry's numbers apply."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    url: AnyHttpUrl
+    method: str | None = None  # "base" for the source precision
+    bits: int | None = Field(None, ge=1, le=32)
+    ppl_delta: float | None = Field(None, ge=-1.0, le=100.0)
+    size_bytes: int | None = Field(None, ge=0)
+    priority_scheduling: bool = False  # started with `--scheduling-policy priority`
 
 
 class Settings(BaseSettings):
@@ -54,7 +69,7 @@ class Settings(BaseSettings):
     compress_python: str | None = None  # default: the `.venv-compress` beside this environment
 
     # Engines. `remote_engines` maps a variant id (model@variant) to the base URL of a running
-    # vLLM OpenAI server; such a variant gets no local subprocess.
+    # vLLM OpenAI server (or a RemoteEngineSpec); such a variant gets no local subprocess.
     engine_device: Literal["auto", "cpu", "cuda"] = "auto"
     engine_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     engine_max_model_len: int = Field(2048, ge=128, le=1_048_576)
@@ -63,7 +78,12 @@ class Settings(BaseSettings):
     engine_start_timeout_s: float = Field(600.0, gt=0)
     engine_stop_timeout_s: float = Field(20.0, gt=0)
     engine_extra_args: tuple[str, ...] = ()
-    remote_engines: dict[str, AnyHttpUrl] = Field(default_factory=dict)
+    remote_engines: dict[str, RemoteEngineSpec] = Field(default_factory=dict)
+
+    # Routing: the gateway-wide policy (JSON), and per-model replacements of it.
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    model_routing: dict[str, RoutingConfig] = Field(default_factory=dict)
+    load_scrape_interval_s: float = Field(1.0, ge=0.1, le=60)
 
     # Upstream HTTP client.
     upstream_connect_timeout_s: float = Field(5.0, gt=0)
@@ -112,9 +132,16 @@ class Settings(BaseSettings):
             raise ValueError(f"QUANTGATE_ADMIN_KEY is shorter than {MIN_KEY_LENGTH} characters")
         return key
 
+    @field_validator("remote_engines", mode="before")
+    @classmethod
+    def _urls_to_specs(cls, engines: object) -> object:
+        if isinstance(engines, dict):
+            return {k: {"url": v} if isinstance(v, str) else v for k, v in engines.items()}
+        return engines
+
     @field_validator("remote_engines")
     @classmethod
-    def _remote_ids_are_variants(cls, engines: dict[str, AnyHttpUrl]) -> dict[str, AnyHttpUrl]:
+    def _remote_ids_are_variants(cls, engines: dict[str, RemoteEngineSpec]) -> dict[str, RemoteEngineSpec]:
         bad = [name for name in engines if name.count("@") != 1]
         if bad:
             raise ValueError(f"QUANTGATE_REMOTE_ENGINES keys must look like 'model@variant', got {bad}")
@@ -125,6 +152,9 @@ class Settings(BaseSettings):
         if self.admin_key is not None and self.admin_key in self.api_keys:
             raise ValueError("QUANTGATE_ADMIN_KEY must differ from every QUANTGATE_API_KEYS entry")
         return self
+
+    def routing_for(self, model: str) -> RoutingConfig:
+        return self.model_routing.get(model, self.routing)
 
     @property
     def logs_dir(self) -> Path:

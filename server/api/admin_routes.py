@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.deps import GatewayDep, require_admin
+from server.routing.types import Budget, RequestFeatures
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
 
@@ -65,3 +66,27 @@ async def engines(gateway: GatewayDep) -> dict:
         row["metrics_url"] = f"{status.base_url}/metrics"
         rows.append(row)
     return {"engines": rows}
+
+
+@router.get("/routing/{model}")
+async def routing(model: str, gateway: GatewayDep, prompt_tokens: int = Query(64, ge=1, le=1_048_576),
+                  output_tokens: int = Query(128, ge=1, le=1_048_576)) -> dict:
+    """What the router sees for `model` now: per variant its quality, live load, latency priors,
+    online corrections, and the prediction for a request of the given size."""
+    logical, _ = gateway.catalog.resolve(model)
+    features = RequestFeatures(prompt_tokens, output_tokens, Budget())
+    candidates, _ = gateway.candidates(logical, features)
+    rows = []
+    for c in candidates:
+        latency = gateway.book.get(c.variant.id)
+        rows.append({
+            "variant": c.variant.id, "method": c.variant.method, "ppl_delta": c.variant.ppl_delta,
+            "serving": c.serving, "load": asdict(c.load),
+            "priors": latency.priors.model_dump() if latency else None,
+            "ttft_scale": latency.ttft_scale if latency else None,
+            "tpot_scale": latency.tpot_scale if latency else None,
+            "observations": latency.observations if latency else 0,
+            "predicted": asdict(c.prediction) if c.prediction else None,
+        })  # fmt: skip
+    return {"model": logical.name, "config": gateway.settings.routing_for(logical.name).model_dump(),
+            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "variants": rows}

@@ -31,8 +31,8 @@ REFUSED_FIELDS = {
     "priority": "priority is set by the gateway from service_tier",
 }
 
-# Fields the gateway consumes and does not forward.
-GATEWAY_FIELDS = frozenset({"latency_budget_ms"})
+# Fields the gateway consumes and does not forward (the tier becomes the engine-side priority).
+GATEWAY_FIELDS = frozenset({"latency_budget_ms", "service_tier"})
 
 ServiceTier = Literal["auto", "default", "flex", "priority"]
 

@@ -40,6 +40,9 @@ class Engine(abc.ABC):
     """
 
     variant_id: str
+    # Started with `--scheduling-policy priority`: requests may carry a `priority` (vLLM refuses
+    # a non-zero one otherwise).
+    accepts_priority: bool = False
 
     @property
     @abc.abstractmethod

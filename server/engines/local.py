@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -54,6 +55,8 @@ class LocalEngineConfig:
             "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),
             "--disable-uvicorn-access-log",
+            # Tight-budget tiers are scheduled first inside the engine too (lower value = earlier).
+            "--scheduling-policy", "priority",
         ]  # fmt: skip
         if self.device == "cpu":
             # Without it start-up took 215 s and the compiled bf16 path produced garbage (FACTS.md).
@@ -82,10 +85,21 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+def _scheduling_policy(extra_args: tuple[str, ...]) -> str:
+    """The policy the engine runs with: ours (priority) unless the extra args override it (the
+    last occurrence wins, as in argparse)."""
+    policy = "priority"
+    for flag, value in itertools.pairwise(extra_args):
+        if flag == "--scheduling-policy":
+            policy = value
+    return policy
+
+
 class LocalEngine(Engine):
     def __init__(self, config: LocalEngineConfig) -> None:
         self.config = config
         self.variant_id = config.variant_id
+        self.accepts_priority = _scheduling_policy(config.extra_args) == "priority"
         self._port = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None

@@ -14,8 +14,10 @@ logger = logging.getLogger(__name__)
 
 
 class RemoteEngine(Engine):
-    def __init__(self, variant_id: str, base_url: str, poll_interval_s: float = 2.0) -> None:
+    def __init__(self, variant_id: str, base_url: str, poll_interval_s: float = 2.0,
+                 accepts_priority: bool = False) -> None:
         self.variant_id = variant_id
+        self.accepts_priority = accepts_priority
         self._base_url = base_url.rstrip("/")
         self._poll_interval_s = poll_interval_s
         self._state = EngineState.STOPPED
@@ -42,7 +44,7 @@ class RemoteEngine(Engine):
         self._state = EngineState.STOPPED
 
     async def _poll(self) -> None:
-        async with httpx.AsyncClient(timeout=2.0) as client:
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
             while True:
                 try:
                     response = await client.get(f"{self._base_url}/health")

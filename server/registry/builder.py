@@ -29,6 +29,9 @@ from server.engines.supervisor import EngineSupervisor
 from server.jobs.compress import CompressionFailed, CompressionJob, run_compression
 from server.registry.artifacts import artifact_dir, artifact_key
 from server.registry.store import ModelRecord, Registry, RegistryError, VariantRecord, VariantState
+from server.routing.predictor import LatencyBook, LatencyPriors
+from server.settings import RemoteEngineSpec
+from server.telemetry.profiler import profile_engine
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +50,8 @@ def catalog_variant(record: VariantRecord) -> Variant:
 
 class VariantBuilder:
     def __init__(self, registry: Registry, catalog: Catalog, supervisor: EngineSupervisor, home: Path,
-                 engine_config: EngineFactory, remote_engines: dict[str, str], profile: str,
-                 compress_timeout_s: float, compress_python: str | None = None,
+                 engine_config: EngineFactory, remote_engines: dict[str, RemoteEngineSpec], profile: str,
+                 compress_timeout_s: float, book: LatencyBook, compress_python: str | None = None,
                  engine_ready_timeout_s: float = 900.0) -> None:  # fmt: skip
         self.registry = registry
         self.catalog = catalog
@@ -60,6 +63,7 @@ class VariantBuilder:
         self.compress_timeout_s = compress_timeout_s
         self.compress_python = compress_python
         self.engine_ready_timeout_s = engine_ready_timeout_s
+        self.book = book
         self._wake = asyncio.Event()
         self._windows: dict[str, list[list[int]]] = {}
 
@@ -85,7 +89,8 @@ class VariantBuilder:
     async def start_engine(self, record: VariantRecord) -> Engine:
         """Start (or attach) the engine that serves `record` and wait until it is healthy."""
         if record.id in self.remote_engines:
-            engine: Engine = RemoteEngine(record.id, self.remote_engines[record.id])
+            spec = self.remote_engines[record.id]
+            engine: Engine = RemoteEngine(record.id, str(spec.url), accepts_priority=spec.priority_scheduling)
         else:
             assert record.model_path is not None
             engine = LocalEngine(self.engine_config(record.id, Path(record.model_path), record.engine_args))
@@ -158,10 +163,46 @@ class VariantBuilder:
             await self.supervisor.remove(record.id)
             logger.warning("variant %s rejected: %s", record.id, reason)
         else:
+            # Profiled before it turns ready, while the builder runs nothing else (quiet priors).
+            await self.profile_latency(record.id, engine, persist=True)
             record = self.registry.transition(record.id, VariantState.READY, **fields)
             logger.info("variant %s ready: ppl %.3f (delta %s)", record.id, ppl.ppl,
                         "n/a" if delta is None else f"{delta:+.1%}")
         self.catalog.add_variant(catalog_variant(record), int(model.created_at))
+
+    async def load_or_profile(self, record: VariantRecord, engine: Engine) -> None:
+        """Latency priors for a ready variant at start-up: the stored ones, else profile now."""
+        if record.latency:
+            try:
+                self.book.set_priors(record.id, LatencyPriors.model_validate(record.latency))
+                return
+            except ValueError:
+                logger.warning("stored latency priors of %s are unreadable; profiling again", record.id)
+        await self.profile_latency(record.id, engine, persist=True)
+
+    async def profile_latency(self, variant_id: str, engine: Engine, persist: bool) -> LatencyPriors | None:
+        """Profile the engine's latency; without priors the variant is served but never predicted
+        to meet a budget, so a failure here is logged and not fatal."""
+        try:
+            priors = await profile_engine(engine.base_url, variant_id)
+        except (httpx.HTTPError, RuntimeError) as exc:
+            logger.warning("profiling %s failed (%s); it will not be routed by budget", variant_id, exc)
+            return None
+        self.book.set_priors(variant_id, priors)
+        if persist:
+            self.registry.set_latency(variant_id, priors.model_dump(mode="json"))
+        return priors
+
+    async def profile_when_serving(self, engine: Engine) -> None:
+        """For engines the registry does not know (remote ones): profile once they serve."""
+        while engine.status().state is not EngineState.READY:
+            if engine.status().state in (EngineState.FAILED, EngineState.STOPPED):
+                return
+            await asyncio.sleep(1.0)
+        try:
+            await self.profile_latency(engine.variant_id, engine, persist=False)
+        except Exception:  # runs beside the builder: must not take it down
+            logger.exception("profiling %s failed", engine.variant_id)
 
     async def _eval_windows(self, model: ModelRecord) -> list[list[int]]:
         if model.name not in self._windows:

@@ -54,6 +54,8 @@ MIGRATIONS: tuple[str, ...] = (
         finished_at REAL
     );
     """,
+    # Latency priors from the profiling run when a variant becomes ready (JSON, see routing.predictor).
+    "ALTER TABLE variants ADD COLUMN latency_json TEXT;",
 )
 
 

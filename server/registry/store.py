@@ -94,6 +94,7 @@ class VariantRecord:
     attempts: int
     created_at: float
     updated_at: float
+    latency: dict[str, Any] | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> VariantRecord:
@@ -101,6 +102,8 @@ class VariantRecord:
         data["config"] = json.loads(data.pop("config_json"))
         data["engine_args"] = tuple(json.loads(data.pop("engine_args_json")))
         data["state"] = VariantState(data["state"])
+        latency = data.pop("latency_json", None)
+        data["latency"] = json.loads(latency) if latency else None
         return cls(**data)
 
 
@@ -193,6 +196,11 @@ class Registry:
             raise IllegalTransition(f"{variant_id} changed state concurrently")
         return self.variant(variant_id)
 
+    def set_latency(self, variant_id: str, latency: dict[str, Any] | None) -> None:
+        """Store a variant's latency priors (measurements, not a state change)."""
+        self._db.execute("UPDATE variants SET latency_json = ? WHERE id = ?",
+                         (json.dumps(latency) if latency is not None else None, variant_id))
+
     def recover(self) -> list[VariantRecord]:
         """After a crash: interrupted variants back to pending (failed after MAX_ATTEMPTS), their
         running jobs marked interrupted. Returns the variants it touched."""
@@ -252,6 +260,6 @@ class _Transaction:
             self._db.execute("BEGIN IMMEDIATE")
             self._outer = True
 
-    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+    def __exit__(self, exc_type, exc, tb) -> None:
         if self._outer:
             self._db.execute("ROLLBACK" if exc_type else "COMMIT")

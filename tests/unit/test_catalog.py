@@ -4,7 +4,9 @@ import pytest
 
 from server.catalog import Catalog, Variant, split_model_name
 from server.errors import ModelNotFound
-from server.gateway import choose_variant
+from server.routing.config import RoutingConfig
+from server.routing.router import Router
+from server.routing.types import Budget, Candidate, RequestFeatures
 
 
 def _catalog() -> Catalog:
@@ -46,9 +48,11 @@ def test_unknown_model_or_variant(name: str) -> None:
     [({"m@bf16", "m@int8"}, "m@bf16"), ({"m@int4-gptq", "m@int8"}, "m@int8"), (set(), None)],
 )
 def test_choose_most_accurate_serving(serving: set, expected: str | None) -> None:
+    # Without a budget the router picks the most accurate variant whose engine serves.
     model, _ = _catalog().resolve("m")
-    chosen = choose_variant(model, serving)
-    assert (chosen.id if chosen else None) == expected
+    candidates = [Candidate(v, v.id in serving) for v in model.variants]
+    decision = Router(RoutingConfig()).route(RequestFeatures(16, 16, Budget()), candidates)
+    assert (decision.variant.id if decision.variant else None) == expected
 
 
 def test_re_adding_a_variant_replaces_it() -> None:

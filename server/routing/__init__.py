@@ -1,0 +1,1 @@
+"""Latency-budget routing: pure policy. Filters -> scorers -> picker over frozen snapshots."""

@@ -1,0 +1,128 @@
+"""Latency prediction per variant: priors from a profiling run, corrected online.
+
+    TTFT = (prefill(prompt) + queued prefills + one decode step of the running batch) * ttft_scale
+    TPOT = step_time(batch the request joins) * tpot_scale
+    e2e  = TTFT + (output_tokens - 1) * TPOT
+
+`prefill` is linear in prompt tokens and `step_time` piecewise linear in the batch size, both
+measured on the variant's own engine (never assumed from its bit width). The scales are
+exponentially weighted ratios of observed to predicted latency, so the priors follow the machine
+as it really runs (other engines busy, a GPU shared). Pure: no clocks, no I/O.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.routing.types import EngineLoad, Prediction
+
+RATIO_BOUNDS = (0.1, 10.0)  # one odd observation moves a scale at most this far
+
+
+class LatencyPriors(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prefill_fixed_ms: float = Field(ge=0.0)
+    prefill_per_token_ms: float = Field(ge=0.0)
+    # (batch size, milliseconds per decode step), increasing batch sizes
+    step_ms: tuple[tuple[int, float], ...] = Field(min_length=1)
+
+    @field_validator("step_ms")
+    @classmethod
+    def _sorted(cls, points: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+        return tuple(sorted(points))
+
+    def prefill(self, prompt_tokens: int) -> float:
+        return self.prefill_fixed_ms + self.prefill_per_token_ms * prompt_tokens
+
+    def step(self, batch: int) -> float:
+        """Decode step time at `batch` running requests: interpolated, extrapolated linearly."""
+        xs = [b for b, _ in self.step_ms]
+        ys = [t for _, t in self.step_ms]
+        if len(xs) == 1 or batch <= xs[0]:
+            return ys[0]
+        i = min(max(bisect.bisect_left(xs, batch), 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return max(ys[0], y0 + (y1 - y0) * (batch - x0) / (x1 - x0))
+
+
+@dataclass
+class VariantLatency:
+    priors: LatencyPriors
+    alpha: float = 0.2
+    ttft_scale: float = 1.0
+    tpot_scale: float = 1.0
+    observations: int = 0
+
+    def raw(self, prompt_tokens: int, output_tokens: int, load: EngineLoad) -> tuple[float, float]:
+        """Uncorrected (TTFT, TPOT) in ms for a request joining `load`."""
+        waiting = load.waiting
+        running = max(load.running, load.in_flight - waiting)
+        ttft = self.priors.prefill(prompt_tokens) * (1 + waiting)
+        if running:
+            ttft += self.priors.step(running)
+        return ttft, self.priors.step(running + waiting + 1)
+
+    def predict(self, prompt_tokens: int, output_tokens: int, load: EngineLoad) -> Prediction:
+        ttft, tpot = self.raw(prompt_tokens, output_tokens, load)
+        ttft, tpot = ttft * self.ttft_scale, tpot * self.tpot_scale
+        idle_ttft, idle_tpot = self.raw(prompt_tokens, output_tokens, EngineLoad())
+        decode = max(output_tokens - 1, 0)
+        return Prediction(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=ttft + decode * tpot,
+                          idle_e2e_ms=idle_ttft * self.ttft_scale + decode * idle_tpot * self.tpot_scale)
+
+    def observe(self, raw_ttft_ms: float | None, observed_ttft_ms: float | None,
+                raw_tpot_ms: float | None, observed_tpot_ms: float | None) -> None:
+        """Fold one request's observed latencies (against the raw prediction it was routed on)."""
+        if raw_ttft_ms and observed_ttft_ms is not None:
+            self.ttft_scale = self._fold(self.ttft_scale, observed_ttft_ms / raw_ttft_ms)
+        if raw_tpot_ms and observed_tpot_ms is not None:
+            self.tpot_scale = self._fold(self.tpot_scale, observed_tpot_ms / raw_tpot_ms)
+        self.observations += 1
+
+    def _fold(self, scale: float, ratio: float) -> float:
+        ratio = min(max(ratio, RATIO_BOUNDS[0]), RATIO_BOUNDS[1])
+        return (1 - self.alpha) * scale + self.alpha * ratio
+
+
+@dataclass
+class CompletionLengths:
+    """Recent completion lengths of one model, for requests that do not set max_tokens."""
+
+    window: deque[int] = field(default_factory=lambda: deque(maxlen=1000))
+
+    def add(self, tokens: int) -> None:
+        if tokens > 0:
+            self.window.append(tokens)
+
+    def quantile(self, q: float, default: int) -> int:
+        if not self.window:
+            return default
+        ordered = sorted(self.window)
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+@dataclass
+class LatencyBook:
+    """Every variant's latency model and every model's completion lengths (the gateway owns one)."""
+
+    alpha: float = 0.2
+    variants: dict[str, VariantLatency] = field(default_factory=dict)
+    lengths: dict[str, CompletionLengths] = field(default_factory=dict)
+
+    def set_priors(self, variant_id: str, priors: LatencyPriors) -> None:
+        self.variants[variant_id] = VariantLatency(priors, alpha=self.alpha)
+
+    def get(self, variant_id: str) -> VariantLatency | None:
+        return self.variants.get(variant_id)
+
+    def forget(self, variant_id: str) -> None:
+        self.variants.pop(variant_id, None)
+
+    def completion_lengths(self, model: str) -> CompletionLengths:
+        return self.lengths.setdefault(model, CompletionLengths())

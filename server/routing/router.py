@@ -1,0 +1,76 @@
+"""The router: filters -> scorers -> picker over frozen candidate snapshots; returns a Decision.
+
+    eligible = healthy and within the quality floor
+    fitting  = eligible and predicted to meet the budget (every eligible one when there is none)
+    fitting non-empty -> the best-scored fitting variant
+    else, policy degrade -> the fastest eligible variant (header says degraded)
+          policy reject  -> no variant; Retry-After from the predicted queue drain
+
+It does no I/O; the gateway builds the snapshots and acts on the Decision.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from server.catalog import accuracy_key
+from server.routing.config import RoutingConfig
+from server.routing.filters.healthy import HealthyFilter
+from server.routing.filters.quality_floor import QualityFloorFilter
+from server.routing.filters.within_budget import WithinBudgetFilter
+from server.routing.picker import MaxScorePicker
+from server.routing.plugins import build_scorer
+from server.routing.types import Candidate, Decision, RequestFeatures
+
+UNKNOWN_DRAIN_S = 5  # Retry-After when no candidate has a prediction to drain from
+
+
+class Router:
+    def __init__(self, config: RoutingConfig) -> None:
+        self.config = config
+        self.eligibility = (HealthyFilter(), QualityFloorFilter(QualityFloorFilter.Config(
+            max_ppl_delta=config.quality_floor)))  # fmt: skip
+        self.budget_filter = WithinBudgetFilter()
+        self.picker = MaxScorePicker()
+        self.scorers = {
+            tier: [(build_scorer(name, spec.parameters), spec.weight)
+                   for name, spec in config.scorers_for(tier).items() if spec.weight > 0]
+            for tier in config.tiers
+        }  # fmt: skip
+
+    def route(self, features: RequestFeatures, candidates: Sequence[Candidate]) -> Decision:
+        eligible = [c for c in candidates if all(f.keep(c, features) for f in self.eligibility)]
+        if not eligible:
+            return Decision(None, None, "no-variant", "none")
+        fitting = [c for c in eligible if self.budget_filter.keep(c, features)]
+        if fitting:
+            ranked = self._rank(fitting, features)
+            rest = _fastest_first([c for c in eligible if c not in fitting])
+            best, _ = ranked[0]
+            within = features.budget.any
+            return Decision(best.variant, best.prediction, "within-budget" if within else "no-budget",
+                            "met-predicted" if within else "none",
+                            fallbacks=tuple(c for c, _ in ranked[1:]) + tuple(rest),
+                            scores=tuple((c.variant.id, s) for c, s in ranked))  # fmt: skip
+        if self.config.policy_for(features.tier) == "reject":
+            return Decision(None, None, "rejected", "none", retry_after_s=self._retry_after(eligible))
+        fastest = _fastest_first(eligible)
+        return Decision(fastest[0].variant, fastest[0].prediction, "degraded", "degraded",
+                        fallbacks=tuple(fastest[1:]))
+
+    def _rank(self, candidates: list[Candidate], features: RequestFeatures) -> list[tuple[Candidate, float]]:
+        scorers = self.scorers.get(features.tier) or self.scorers["default"]
+        scored = [(c, sum(w * s.score(c, features, candidates) for s, w in scorers)) for c in candidates]
+        return self.picker.order(scored)
+
+    def _retry_after(self, eligible: list[Candidate]) -> int:
+        drains = [(c.prediction.e2e_ms - c.prediction.idle_e2e_ms) / 1000 for c in eligible if c.prediction]
+        seconds = math.ceil(min(drains)) if drains else UNKNOWN_DRAIN_S
+        return min(max(seconds, 1), self.config.max_retry_after_s)
+
+
+def _fastest_first(candidates: list[Candidate]) -> list[Candidate]:
+    return sorted(candidates, key=lambda c: (c.prediction is None,
+                                             c.prediction.e2e_ms if c.prediction else 0.0,
+                                             accuracy_key(c.variant)))  # fmt: skip

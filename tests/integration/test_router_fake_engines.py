@@ -1,0 +1,209 @@
+"""The latency-budget router in a real gateway process, over FakeEngines (processes speaking the
+OpenAI protocol with set latencies; fakes only at that boundary). The gateway profiles them,
+scrapes their vllm:* gauges and routes on what it measured, as it does with vLLM.
+
+    fake@bf16   base, slow: 50 ms TTFT, 40 ms/token
+    fake@int8   ppl +2 %, fast: 50 ms TTFT, 8 ms/token, 4 batch slots, slows down with batch
+    fake@int4   ppl +20 %, 50 ms TTFT, 15 ms/token
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+
+from server.engines.local import free_loopback_port
+from tests.integration.gateway_process import (
+    API_KEY,
+    REPO,
+    GatewayProcess,
+    admin,
+    shared_home,
+    start_gateway,
+    wait_for,
+)  # fmt: skip
+
+FAKES = {
+    "fake@bf16": {"tpot_ms": 40, "spec": {"method": "base"}},
+    "fake@int8": {"tpot_ms": 8, "max_running": 4, "batch_slowdown": 0.5,
+                  "spec": {"method": "int8", "bits": 8, "ppl_delta": 0.02, "size_bytes": 160}},
+    "fake@int4": {"tpot_ms": 15, "spec": {"method": "int4-gptq", "bits": 4, "ppl_delta": 0.20, "size_bytes": 110}},
+}  # fmt: skip
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@dataclass
+class FakeFleet:
+    gateway: GatewayProcess
+    fakes: dict[str, str]  # variant id -> URL
+
+    def configure(self, variant_id: str, **changes: object) -> None:
+        httpx.post(f"{self.fakes[variant_id]}/fake/config", json=changes).raise_for_status()
+
+    def stats(self, variant_id: str) -> dict:
+        return httpx.get(f"{self.fakes[variant_id]}/fake/stats").json()
+
+    def chat(self, max_tokens: int = 20, stream: bool = False, headers: dict | None = None,
+             **body: object) -> httpx.Response:  # fmt: skip
+        payload = {"model": "fake", "messages": HELLO, "max_tokens": max_tokens, "stream": stream, **body}
+        return httpx.post(f"{self.gateway.url}/v1/chat/completions", json=payload, timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}", **(headers or {})})
+
+
+def _start_fake(variant_id: str, port: int, options: dict) -> subprocess.Popen:
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "spec"]
+    return subprocess.Popen([sys.executable, "-m", "tests.fakes.fake_engine", "--model", variant_id,
+                             f"--port={port}", *args], cwd=REPO, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fleet() -> Iterator[FakeFleet]:
+    ports = {variant_id: free_loopback_port() for variant_id in FAKES}
+    procs = [_start_fake(v, ports[v], options) for v, options in FAKES.items()]
+    urls = {v: f"http://127.0.0.1:{port}" for v, port in ports.items()}
+    remotes = {v: {"url": urls[v], "priority_scheduling": True, **FAKES[v]["spec"]} for v in FAKES}
+    routing = {"tiers": {"flex": {"policy": "reject"}}}
+    gateway = start_gateway(free_loopback_port(), home=shared_home("router-fakes", share=()),
+                            QUANTGATE_EMBEDDED_MODEL="false", QUANTGATE_REMOTE_ENGINES=json.dumps(remotes),
+                            QUANTGATE_ROUTING=json.dumps(routing), QUANTGATE_LOAD_SCRAPE_INTERVAL_S="0.25")
+    try:
+        gateway.wait_ready(timeout_s=120)
+        profiled = lambda: all(r["priors"] for r in admin(gateway, "GET", "/admin/routing/fake").json()["variants"])
+        assert wait_for(profiled, 60, 0.5), gateway.log_tail()
+        yield FakeFleet(gateway, urls)
+    finally:
+        gateway.stop(signal.SIGTERM)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def test_profiles_measure_each_variant_s_own_speed_with_fake_engines(fleet: FakeFleet) -> None:
+    rows = {r["variant"]: r for r in admin(fleet.gateway, "GET", "/admin/routing/fake").json()["variants"]}
+    step = {v: {b: t for b, t in r["priors"]["step_ms"]} for v, r in rows.items()}
+    assert step["fake@bf16"][1] == pytest.approx(40, rel=0.3)
+    assert step["fake@int8"][1] == pytest.approx(8, rel=0.5)
+    assert step["fake@int8"][16] > 2 * step["fake@int8"][1], "int8's batch slowdown was not measured"
+
+
+@pytest.mark.parametrize(("budget_ms", "variant", "status"), [
+    (None, "fake@bf16", "none"),
+    ("5000", "fake@bf16", "met-predicted"),  # loose: the most accurate
+    ("400", "fake@int8", "met-predicted"),  # tight: the fast one (bf16 needs ~810 ms for 20 tokens)
+    ("20", "fake@int8", "degraded"),  # nothing fits: the fastest
+])  # fmt: skip
+def test_budget_picks_the_variant_with_fake_engines(fleet: FakeFleet, budget_ms: str | None, variant: str,
+                                                    status: str) -> None:
+    headers = {"x-latency-budget-ms": budget_ms} if budget_ms else {}
+    response = fleet.chat(headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == variant
+    assert response.headers["x-quantgate-variant"] == variant
+    assert response.headers["x-quantgate-budget"] == status
+    assert int(response.headers["x-quantgate-predicted-ms"]) > 0
+
+
+def test_streamed_ttft_budget_and_body_budget_with_fake_engines(fleet: FakeFleet) -> None:
+    streamed = fleet.chat(stream=True, headers={"x-llm-d-slo-tpot-ms": "20"})
+    assert streamed.headers["x-quantgate-variant"] == "fake@int8" and "data: [DONE]" in streamed.text
+    assert fleet.chat(latency_budget_ms=400).headers["x-quantgate-variant"] == "fake@int8"
+
+
+def test_a_growing_queue_on_the_fast_variant_shifts_the_choice_with_fake_engines(fleet: FakeFleet) -> None:
+    assert fleet.chat(headers={"x-latency-budget-ms": "400"}).headers["x-quantgate-variant"] == "fake@int8"
+
+    async def flood() -> None:  # straight to the engine: the gateway learns of it only by scraping
+        async with httpx.AsyncClient(timeout=60) as http:
+            body = {"model": "fake@int8", "prompt": "x", "max_tokens": 150}
+            await asyncio.gather(*(http.post(f"{fleet.fakes['fake@int8']}/v1/completions", json=body)
+                                   for _ in range(12)))  # fmt: skip
+
+    def busy_then_route() -> str:
+        wait_for(lambda: fleet.stats("fake@int8")["waiting"] >= 6, 10, 0.05)
+        time.sleep(0.6)  # a scrape or two
+        return fleet.chat(headers={"x-latency-budget-ms": "400"}).headers["x-quantgate-variant"]
+
+    async def both() -> str:
+        flooding = asyncio.create_task(flood())
+        chosen = await asyncio.to_thread(busy_then_route)
+        await flooding
+        return chosen
+
+    assert asyncio.run(both()) == "fake@int4"
+
+
+def test_reject_policy_answers_429_with_retry_after_with_fake_engines(fleet: FakeFleet) -> None:
+    response = fleet.chat(service_tier="flex", headers={"x-latency-budget-ms": "20"})
+    assert response.status_code == 429, response.text
+    assert response.json()["error"]["code"] == "latency_budget_unmet"
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    # flex without a budget: the cheapest variant within the floor, scheduled last in its engine
+    served = fleet.chat(service_tier="flex")
+    assert served.json()["model"] == "fake@int4" and served.json()["service_tier"] == "flex"
+    assert fleet.stats("fake@int4")["priorities"][-1] == 10
+
+
+def test_priority_tier_is_passed_to_the_engine_and_echoed_with_fake_engines(fleet: FakeFleet) -> None:
+    response = fleet.chat(service_tier="priority")
+    assert response.status_code == 200 and response.json()["service_tier"] == "priority"
+    served = response.json()["model"]
+    assert fleet.stats(served)["priorities"][-1] == -10
+    assert "priority" not in json.dumps(fleet.chat().json()["choices"])
+
+
+def test_retry_on_another_variant_before_the_first_byte_with_fake_engines(fleet: FakeFleet) -> None:
+    fleet.configure("fake@int8", fail="500")
+    try:
+        for stream in (False, True):
+            response = fleet.chat(stream=stream, headers={"x-latency-budget-ms": "400"})
+            assert response.status_code == 200, response.text
+            assert response.headers["x-quantgate-variant"] == "fake@int4"
+        pinned = fleet.chat(model="fake@int8")  # a pinned variant is not rerouted
+        assert pinned.status_code == 503
+    finally:
+        fleet.configure("fake@int8", fail=None)
+    metrics = httpx.get(f"{fleet.gateway.url}/metrics").text
+    assert 'quantgate_upstream_retries_total{model="fake",variant="fake@int8"} 2.0' in metrics, \
+        [line for line in metrics.splitlines() if "retries_total" in line]
+
+
+def test_pinned_variant_bypasses_routing_with_fake_engines(fleet: FakeFleet) -> None:
+    response = fleet.chat(model="fake@bf16", headers={"x-latency-budget-ms": "50"})
+    assert response.json()["model"] == "fake@bf16"
+    assert response.headers["x-quantgate-budget"] == "none" and response.headers["x-quantgate-route"] == "pinned"
+
+
+@pytest.mark.parametrize(("headers", "body", "param"), [
+    ({"x-latency-budget-ms": "-1"}, {}, "x-latency-budget-ms"),
+    ({"x-slo-tpot-ms": "fast"}, {}, "x-slo-tpot-ms"),
+    ({}, {"latency_budget_ms": 0}, "latency_budget_ms"),
+    ({}, {"service_tier": "scale"}, "service_tier"),
+])  # fmt: skip
+def test_bad_budgets_and_tiers_are_400_with_fake_engines(fleet: FakeFleet, headers: dict, body: dict,
+                                                         param: str) -> None:
+    response = fleet.chat(headers=headers, **body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
+def test_routing_metrics_and_the_openai_client_with_fake_engines(fleet: FakeFleet) -> None:
+    client = openai.OpenAI(base_url=f"{fleet.gateway.url}/v1", api_key=API_KEY, max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="fake", messages=HELLO, max_tokens=10, extra_headers={"x-latency-budget-ms": "400"})
+    assert raw.parse().model == "fake@int8" and raw.headers["x-quantgate-budget"] == "met-predicted"
+    metrics = httpx.get(f"{fleet.gateway.url}/metrics").text
+    for fragment in ('quantgate_routing_decisions_total{model="fake",reason="within-budget",variant="fake@int8"}',
+                     'quantgate_budget_outcomes_total{decision="met-predicted",model="fake",outcome="met",',
+                     'quantgate_predictor_error_ratio_count{kind="e2e",variant="fake@int8"}',
+                     'quantgate_engine_requests_running{variant="fake@int8"}',
+                     'quantgate_budget_outcomes_total{decision="rejected",model="fake",outcome="rejected",'):
+        assert fragment in metrics, fragment

@@ -1,0 +1,95 @@
+"""The latency predictor and the request-side budget parsing (no network)."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.api.features import estimate_prompt_tokens, request_budget
+from server.errors import InvalidRequest
+from server.routing.predictor import CompletionLengths, LatencyPriors, VariantLatency
+from server.routing.types import Budget, EngineLoad
+
+PRIORS = LatencyPriors(prefill_fixed_ms=40, prefill_per_token_ms=0.5, step_ms=((1, 30.0), (4, 40.0), (16, 100.0)))
+
+
+@pytest.mark.parametrize(("batch", "step"), [(0, 30.0), (1, 30.0), (2, 33.333), (4, 40.0), (10, 70.0), (16, 100.0),
+                                             (28, 160.0)])  # fmt: skip
+def test_step_time_is_interpolated_and_extrapolated(batch: int, step: float) -> None:
+    assert PRIORS.step(batch) == pytest.approx(step, abs=1e-3)
+
+
+def test_idle_prediction() -> None:
+    p = VariantLatency(PRIORS).predict(prompt_tokens=100, output_tokens=11, load=EngineLoad())
+    assert (p.ttft_ms, p.tpot_ms, p.e2e_ms) == pytest.approx((90.0, 30.0, 390.0))
+    assert p.idle_e2e_ms == pytest.approx(p.e2e_ms)
+
+
+def test_load_makes_it_slower() -> None:
+    latency = VariantLatency(PRIORS)
+    idle = latency.predict(100, 11, EngineLoad())
+    busy = latency.predict(100, 11, EngineLoad(running=4, waiting=2))
+    assert busy.ttft_ms == pytest.approx(90 * 3 + 40)  # two queued prefills ahead, plus a decode step
+    assert busy.tpot_ms == pytest.approx(PRIORS.step(7))
+    assert busy.e2e_ms > idle.e2e_ms and busy.idle_e2e_ms == pytest.approx(idle.e2e_ms)
+    # The gateway's own in-flight count stands in for a stale scrape.
+    assert latency.predict(100, 11, EngineLoad(in_flight=4)).tpot_ms == pytest.approx(PRIORS.step(5))
+
+
+def test_online_correction_converges_to_the_observed_ratio() -> None:
+    latency = VariantLatency(PRIORS, alpha=0.2)
+    raw_ttft, raw_tpot = latency.raw(100, 11, EngineLoad())
+    for _ in range(40):
+        latency.observe(raw_ttft, raw_ttft * 2, raw_tpot, raw_tpot * 0.5)
+    p = latency.predict(100, 11, EngineLoad())
+    assert p.ttft_ms == pytest.approx(180.0, rel=0.01) and p.tpot_ms == pytest.approx(15.0, rel=0.01)
+
+
+def test_one_outlier_moves_the_scale_boundedly() -> None:
+    latency = VariantLatency(PRIORS, alpha=0.2)
+    latency.observe(100.0, 1e9, None, None)
+    assert latency.ttft_scale == pytest.approx(0.8 + 0.2 * 10)
+    assert latency.tpot_scale == 1.0
+
+
+def test_completion_length_quantile() -> None:
+    lengths = CompletionLengths()
+    assert lengths.quantile(0.9, default=128) == 128
+    for n in range(1, 101):
+        lengths.add(n)
+    assert lengths.quantile(0.9, default=128) == 90
+    assert lengths.quantile(1.0, default=128) == 100
+
+
+@pytest.mark.parametrize(("headers", "body", "expected"), [
+    ({}, None, Budget()),
+    ({"x-latency-budget-ms": "1500"}, None, Budget(1500, None, None, "request")),
+    ({}, 900.0, Budget(900, None, None, "request")),
+    ({"x-latency-budget-ms": "1500"}, 900.0, Budget(900, None, None, "request")),  # the tighter holds
+    ({"x-llm-d-slo-ttft-ms": "200", "x-slo-tpot-ms": "50"}, None, Budget(None, 200, 50, "request")),
+    ({"x-slo-ttft-ms": "300", "x-llm-d-slo-ttft-ms": "200"}, None, Budget(None, 200, None, "request")),
+])  # fmt: skip
+def test_request_budget(headers: dict, body: float | None, expected: Budget) -> None:
+    assert request_budget(headers, body) == expected
+
+
+@pytest.mark.parametrize(("header", "value"), [
+    ("x-latency-budget-ms", "0"), ("x-latency-budget-ms", "-5"), ("x-latency-budget-ms", "soon"),
+    ("x-latency-budget-ms", "nan"), ("x-latency-budget-ms", "inf"), ("x-llm-d-slo-tpot-ms", "120000"),
+    ("x-latency-budget-ms", "3600001"),
+])  # fmt: skip
+def test_bad_budgets_are_a_400_naming_the_header(header: str, value: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        request_budget({header: value}, None)
+    assert info.value.param == header and header in info.value.message
+
+
+@pytest.mark.parametrize(("body", "tokens"), [
+    ({"messages": [{"role": "user", "content": "x" * 400}]}, 105),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 40}]}]}, 15),
+    ({"prompt": "x" * 400}, 101),
+    ({"prompt": [1, 2, 3]}, 3),
+    ({"prompt": [[1, 2, 3, 4], [5]]}, 4),
+    ({"prompt": ["x" * 40, "y"]}, 11),
+])  # fmt: skip
+def test_prompt_token_estimate(body: dict, tokens: int) -> None:
+    assert estimate_prompt_tokens(body) == tokens
