@@ -98,11 +98,14 @@ class Gateway:
 
     def candidates(self, model: LogicalModel, features: RequestFeatures
                    ) -> tuple[list[Candidate], dict[str, tuple[float, float]]]:  # fmt: skip
-        serving = self.serving_variant_ids()
+        statuses = self.supervisor.statuses()
+        serving = {s.variant_id for s in statuses if s.serving}
+        busy_local = {s.variant_id for s in statuses if s.kind == "local" and self._busy(s.variant_id)}
         candidates, raws = [], {}
         for variant in model.variants:
             gauges = self.load.gauges(variant.id)
-            load = EngineLoad(self.in_flight[variant.id], gauges.running, gauges.waiting, gauges.kv_usage)
+            peers = len(busy_local - {variant.id}) if self._is_local(variant.id) else 0
+            load = EngineLoad(self.in_flight[variant.id], gauges.running, gauges.waiting, gauges.kv_usage, peers)
             latency = self.book.get(variant.id)
             prediction = None
             if latency is not None:
@@ -110,6 +113,14 @@ class Gateway:
                 raws[variant.id] = latency.raw(features.prompt_tokens, features.output_tokens, load)
             candidates.append(Candidate(variant, variant.id in serving, load, prediction))
         return candidates, raws
+
+    def _busy(self, variant_id: str) -> bool:
+        gauges = self.load.gauges(variant_id)
+        return self.in_flight[variant_id] > 0 or gauges.running + gauges.waiting > 0
+
+    def _is_local(self, variant_id: str) -> bool:
+        engine = self.supervisor.get(variant_id)
+        return engine is not None and engine.status().kind == "local"
 
     def decide(self, model: LogicalModel, pinned: Variant | None, features: RequestFeatures
                ) -> tuple[Decision, dict[str, tuple[float, float]]]:  # fmt: skip

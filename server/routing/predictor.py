@@ -1,11 +1,15 @@
 """Latency prediction per variant: priors from a profiling run, corrected online.
 
-    TTFT = (prefill(prompt) + queued prefills + one decode step of the running batch) * ttft_scale
-    TPOT = step_time(batch the request joins) * tpot_scale
+    TTFT = (prefill(prompt) + queued prefills + one decode step of the running batch)
+           * (1 + busy engines sharing the device) * ttft_scale
+    TPOT = step_time(batch the request joins) * (1 + busy engines sharing the device) * tpot_scale
     e2e  = TTFT + (output_tokens - 1) * TPOT
 
 `prefill` is linear in prompt tokens and `step_time` piecewise linear in the batch size, both
-measured on the variant's own engine (never assumed from its bit width). The scales are
+measured on the variant's own engine (never assumed from its bit width) while the other engines
+were idle. Engines on one device share its compute, so other busy engines there slow this one
+down (on a 2-core CPU, spreading requests over four variants' engines was 4x slower than batching
+them in one: loadtests/results/2026-11-25/router-vs-base.md). The scales are
 exponentially weighted ratios of observed to predicted latency, so the priors follow the machine
 as it really runs (other engines busy, a GPU shared). Pure: no clocks, no I/O.
 """
@@ -66,7 +70,9 @@ class VariantLatency:
         ttft = self.priors.prefill(prompt_tokens) * (1 + waiting)
         if running:
             ttft += self.priors.step(running)
-        return ttft, self.priors.step(running + waiting + 1)
+        # Busy engines on one device time-share it: each gets about 1/k of the compute.
+        share = 1 + load.device_peers_busy
+        return ttft * share, self.priors.step(running + waiting + 1) * share
 
     def predict(self, prompt_tokens: int, output_tokens: int, load: EngineLoad) -> Prediction:
         ttft, tpot = self.raw(prompt_tokens, output_tokens, load)

@@ -46,6 +46,9 @@ class EngineLoad:
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
+    # Other engines on the same device (local engines share this host's CPU cores or GPU) that
+    # are busy now: they take their share of the compute this engine was profiled with alone.
+    device_peers_busy: int = 0
 
     @property
     def queue(self) -> int:

@@ -93,3 +93,11 @@ def test_bad_budgets_are_a_400_naming_the_header(header: str, value: str) -> Non
 ])  # fmt: skip
 def test_prompt_token_estimate(body: dict, tokens: int) -> None:
     assert estimate_prompt_tokens(body) == tokens
+
+
+def test_busy_engines_on_the_same_device_share_it() -> None:
+    latency = VariantLatency(PRIORS)
+    alone = latency.predict(100, 11, EngineLoad())
+    shared = latency.predict(100, 11, EngineLoad(device_peers_busy=1))
+    assert shared.ttft_ms == pytest.approx(2 * alone.ttft_ms) and shared.tpot_ms == pytest.approx(2 * alone.tpot_ms)
+    assert shared.idle_e2e_ms == pytest.approx(alone.e2e_ms)
