@@ -100,11 +100,12 @@ class Gateway:
                    ) -> tuple[list[Candidate], dict[str, tuple[float, float]]]:  # fmt: skip
         statuses = self.supervisor.statuses()
         serving = {s.variant_id for s in statuses if s.serving}
-        busy_local = {s.variant_id for s in statuses if s.kind == "local" and self._busy(s.variant_id)}
+        local = {s.variant_id for s in statuses if s.kind == "local"}
+        busy_local = {v for v in local if self._busy(v)}
         candidates, raws = [], {}
         for variant in model.variants:
             gauges = self.load.gauges(variant.id)
-            peers = len(busy_local - {variant.id}) if self._is_local(variant.id) else 0
+            peers = len(busy_local - {variant.id}) if variant.id in local else 0
             load = EngineLoad(self.in_flight[variant.id], gauges.running, gauges.waiting, gauges.kv_usage, peers)
             latency = self.book.get(variant.id)
             prediction = None
@@ -117,10 +118,6 @@ class Gateway:
     def _busy(self, variant_id: str) -> bool:
         gauges = self.load.gauges(variant_id)
         return self.in_flight[variant_id] > 0 or gauges.running + gauges.waiting > 0
-
-    def _is_local(self, variant_id: str) -> bool:
-        engine = self.supervisor.get(variant_id)
-        return engine is not None and engine.status().kind == "local"
 
     def decide(self, model: LogicalModel, pinned: Variant | None, features: RequestFeatures
                ) -> tuple[Decision, dict[str, tuple[float, float]]]:  # fmt: skip
@@ -208,9 +205,8 @@ class Gateway:
             data = await unless_disconnected(request, self.engines.post_json(variant_id, url, body))
         finally:
             self._leave(variant_id)
-        usage = data.get("usage") or {}
-        self._record_usage(call, usage)
-        tokens = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
+        self._record_usage(call, data.get("usage"))
+        tokens = _completion_tokens(data.get("usage"))
         self.observations.record(call, Observed(time.perf_counter() - call.started, None, None, tokens))
         self.metrics.requests.labels(**call.labels, status="200").inc()
         data["service_tier"] = headers["x-quantgate-service-tier"]
@@ -229,8 +225,7 @@ class Gateway:
                 itl.observe(gap)
             self._record_usage(call, timing.usage)
             if timing.completed and timing.first_chunk is not None:
-                usage = timing.usage or {}
-                tokens = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
+                tokens = _completion_tokens(timing.usage)
                 tpot = sum(timing.gaps) / len(timing.gaps) if timing.gaps else None
                 self.observations.record(call, Observed(time.perf_counter() - call.started,
                                                         timing.first_chunk - call.started, tpot,
@@ -254,6 +249,11 @@ class Gateway:
         for kind in ("prompt_tokens", "completion_tokens"):
             if isinstance(usage.get(kind), int):
                 self.metrics.tokens.labels(call.model, call.variant.id, kind.split("_")[0]).inc(usage[kind])
+
+
+def _completion_tokens(usage: dict | None) -> int | None:
+    value = (usage or {}).get("completion_tokens")
+    return value if isinstance(value, int) else None
 
 
 def _headers(call: Call, tier: str) -> dict[str, str]:
