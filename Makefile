@@ -12,7 +12,13 @@ CSTAMP := $(CVENV)/.installed-$(ENGINE)-$(HASH)
 # CPU machines: the local CPU build of torch; asking for plain torch would pull several GB of CUDA.
 TORCH := $(if $(filter cpu,$(ENGINE)),torch==2.13.0+cpu,torch)
 
-.PHONY: install serve test test-fast bench-skeleton bench-variants
+.PHONY: install tools serve test test-fast bench-skeleton bench-variants
+
+# Prometheus and promtool from Debian's `prometheus` package, unpacked under .cache/tools (the tests
+# check the rules and config with promtool and run a real Prometheus against a real gateway).
+# kubectl (for `kubectl kustomize`) comes with the machine; tests/ops say so when it is missing.
+TOOLS := .cache/tools
+PROMETHEUS := $(TOOLS)/prometheus/usr/bin/prometheus
 
 $(STAMP):
 	rm -f $(VENV)/.installed-*
@@ -38,14 +44,23 @@ $(CSTAMP):
 
 install: $(STAMP) $(CSTAMP)
 
+$(PROMETHEUS):
+	rm -rf $(TOOLS)/deb && mkdir -p $(TOOLS)/deb
+	cd $(TOOLS)/deb && { apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; }
+	dpkg-deb -x $(TOOLS)/deb/prometheus_*.deb $(TOOLS)/prometheus
+	rm -rf $(TOOLS)/deb
+	$@ --version | head -1
+
+tools: $(PROMETHEUS)
+
 serve: install
 	$(VENV)/bin/quantgate serve
 
-test: install
+test: install tools
 	$(VENV)/bin/python -m pytest
 
 # Unit tests only: no engine is started.
-test-fast: install
+test-fast: install tools
 	$(VENV)/bin/python -m pytest -m "not engine"
 
 # Cold start and gateway overhead for the walking skeleton (prints a table, writes loadtests/results/).

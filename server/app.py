@@ -49,7 +49,7 @@ def create_app(settings: Settings) -> FastAPI:
             compress_python=settings.compress_python, engine_ready_timeout_s=settings.engine_start_timeout_s,
         )  # fmt: skip
         service = ModelService(settings, registry, builder, catalog, supervisor, hardware.device)
-        metrics = GatewayMetrics(supervisor.statuses, load.all)
+        metrics = GatewayMetrics(supervisor.statuses, load.all, catalog, registry)
         gateway = Gateway(settings, catalog, supervisor, EngineClient(http), metrics, service, book, load)
         app.state.gateway = gateway
         boot = asyncio.create_task(Bootstrap(settings, registry, builder, service, catalog, supervisor).run(),

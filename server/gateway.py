@@ -149,7 +149,7 @@ class Gateway:
 
     async def forward(self, request: Request, endpoint: Endpoint) -> Response:
         started = time.perf_counter()
-        labels = {"model": "", "variant": "", "endpoint": endpoint.name}
+        labels = {"model": "", "variant": "", "endpoint": endpoint.name, "tier": ""}
         try:
             body = await read_json_body(request, self.settings.limits.max_body_bytes)
             parsed = parse_request(endpoint.schema, body, self.settings.limits)
@@ -157,6 +157,7 @@ class Gateway:
             labels["model"] = model.name
             config = self.settings.routing_for(model.name)
             features = self.features(model.name, body, parsed, request.headers, config)
+            labels["tier"] = features.tier
             decision, raws = self.decide(model, pinned, features)
             labels["variant"] = decision.variant.id
             self.metrics.decisions.labels(model.name, decision.variant.id, decision.reason).inc()
@@ -175,7 +176,7 @@ class Gateway:
                     self.metrics.retries.labels(model.name, labels["variant"]).inc()
                 labels["variant"] = variant.id
                 call = Call(model.name, endpoint.name, variant, decision, features.budget, prediction,
-                            raws.get(variant.id), started)  # fmt: skip
+                            raws.get(variant.id), started, features.tier)  # fmt: skip
                 upstream = {**upstream_body, "model": variant.id}
                 if priority and engine.accepts_priority:
                     upstream["priority"] = priority
@@ -208,7 +209,7 @@ class Gateway:
         self._record_usage(call, data.get("usage"))
         tokens = _completion_tokens(data.get("usage"))
         self.observations.record(call, Observed(time.perf_counter() - call.started, None, None, tokens))
-        self.metrics.requests.labels(**call.labels, status="200").inc()
+        self.metrics.requests.labels(**call.request_labels, status="200").inc()
         data["service_tier"] = headers["x-quantgate-service-tier"]
         return JSONResponse(data, headers=headers)
 
@@ -219,7 +220,7 @@ class Gateway:
         def on_close(timing: StreamTiming) -> None:
             self._leave(call.variant.id)
             status = "200" if timing.completed else str(CLIENT_CLOSED)
-            self.metrics.requests.labels(**call.labels, status=status).inc()
+            self.metrics.requests.labels(**call.request_labels, status=status).inc()
             itl = self.metrics.itl.labels(call.model, call.variant.id)
             for gap in timing.gaps:
                 itl.observe(gap)

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.catalog import Catalog
 from server.engines.base import EngineState, EngineStatus
+from server.registry.store import Registry, VariantState
 from server.telemetry.engine_load import EngineGauges
+
+logger = logging.getLogger(__name__)
+JOB_STATES = ("running", "succeeded", "failed", "interrupted")
 
 # Latency buckets from 5 ms to 2 min: CPU engines are slow, GPU ones fast.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
@@ -55,14 +63,127 @@ def _load_families(load: dict[str, EngineGauges]) -> list[GaugeMetricFamily]:
     return [running, waiting, kv]
 
 
+class _CatalogCollector(Collector):
+    """What each variant is (method, bits, size, quality) and what the registry is doing, read at
+    scrape time from the catalog and the SQLite registry."""
+
+    def __init__(self, catalog: Catalog, registry: Registry | None) -> None:
+        self._catalog = catalog
+        self._registry = registry
+
+    def collect(self):
+        info = GaugeMetricFamily("quantgate_variant_info", "1 per variant, with what it is",
+                                 labels=["model", "variant", "method", "bits", "state"])
+        size = GaugeMetricFamily("quantgate_variant_size_bytes", "weights on disk", labels=["model", "variant"])
+        ppl = GaugeMetricFamily("quantgate_variant_ppl_delta_ratio",
+                                "measured perplexity relative to the base, minus 1 (0.015 = +1.5 %)",
+                                labels=["model", "variant"])
+        for model in self._catalog.models():
+            for v in model.variants:
+                info.add_metric([model.name, v.id, v.method, str(v.bits), v.state], 1.0)
+                if v.size_bytes is not None:
+                    size.add_metric([model.name, v.id], float(v.size_bytes))
+                if v.ppl_delta is not None:
+                    ppl.add_metric([model.name, v.id], v.ppl_delta)
+        yield from (info, size, ppl)
+        if self._registry is None:
+            return
+        variants, jobs = self._registry.counts()
+        by_state = GaugeMetricFamily("quantgate_registry_variants",
+                                     "registry variants by state (rejected = below the quality floor)",
+                                     labels=["model", "state"])
+        for model in sorted({m for m, _ in variants}):
+            for state in VariantState:
+                by_state.add_metric([model, state.value], float(variants.get((model, state.value), 0)))
+        job_family = GaugeMetricFamily("quantgate_registry_jobs", "compression/evaluation jobs by state",
+                                       labels=["state"])
+        for state in JOB_STATES:
+            job_family.add_metric([state], float(jobs.get(state, 0)))
+        running = GaugeMetricFamily("quantgate_registry_job_running_seconds",
+                                    "how long each running job has been at it, by its current stage",
+                                    labels=["variant", "stage"])
+        now = time.time()
+        for job in self._registry.running_jobs():
+            running.add_metric([job.variant_id, job.stage], now - job.started_at)
+        yield from (by_state, job_family, running)
+
+
+class _MemoryCollector(Collector):
+    """Memory per variant (the engine's process tree RSS; GPU memory where NVML answers) and the host's."""
+
+    def __init__(self, statuses: Callable[[], Iterable[EngineStatus]]) -> None:
+        self._statuses = statuses
+        self._nvml = _nvml()
+
+    def collect(self):
+        engine = GaugeMetricFamily("quantgate_engine_memory_bytes",
+                                   "memory held by the variant's engine processes (rss: resident, gpu: device)",
+                                   labels=["variant", "kind"])
+        gpu_by_pid = self._gpu_by_pid()
+        for status in self._statuses():
+            if status.pid is None:
+                continue
+            pids = _process_tree(status.pid)
+            if pids:
+                engine.add_metric([status.variant_id, "rss"], float(sum(rss for _, rss in pids)))
+            if gpu_by_pid:
+                engine.add_metric([status.variant_id, "gpu"], float(sum(gpu_by_pid.get(p, 0) for p, _ in pids)))
+        host = GaugeMetricFamily("quantgate_host_memory_bytes", "the host's memory", labels=["kind"])
+        vm = psutil.virtual_memory()
+        host.add_metric(["total"], float(vm.total))
+        host.add_metric(["available"], float(vm.available))
+        yield from (engine, host)
+
+    def _gpu_by_pid(self) -> dict[int, int]:
+        if self._nvml is None:
+            return {}
+        used: dict[int, int] = {}
+        try:
+            for index in range(self._nvml.nvmlDeviceGetCount()):
+                handle = self._nvml.nvmlDeviceGetHandleByIndex(index)
+                for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    used[proc.pid] = used.get(proc.pid, 0) + (proc.usedGpuMemory or 0)
+        except Exception as exc:  # noqa: BLE001 - a metrics scrape must not fail on NVML
+            logger.debug("NVML query failed: %s", exc)
+        return used
+
+
+def _nvml():
+    """pynvml (nvidia-ml-py, which vllm depends on) when a GPU driver answers, else None."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception:  # noqa: BLE001 - no module, no driver, no GPU: all mean "no GPU numbers"
+        return None
+
+
+def _process_tree(pid: int) -> list[tuple[int, int]]:
+    """(pid, rss) of a process and its descendants (vLLM runs the model in a child process)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+    out = []
+    for proc in procs:
+        try:
+            out.append((proc.pid, proc.memory_info().rss))
+        except psutil.Error:
+            continue
+    return out
+
+
 class GatewayMetrics:
     def __init__(self, engine_statuses: Callable[[], Iterable[EngineStatus]],
-                 engine_load: Callable[[], dict[str, EngineGauges]] | None = None) -> None:
+                 engine_load: Callable[[], dict[str, EngineGauges]] | None = None,
+                 catalog: Catalog | None = None, registry: Registry | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
             "quantgate_requests", "requests answered, by outcome",
-            ["model", "variant", "endpoint", "status"], registry=r,
+            ["model", "variant", "endpoint", "tier", "status"], registry=r,
         )  # fmt: skip
         self.e2e = Histogram(
             "quantgate_request_duration_seconds", "end-to-end latency of successful requests",
@@ -105,3 +226,7 @@ class GatewayMetrics:
             ["model", "variant"], registry=r,
         )  # fmt: skip
         r.register(_EngineCollector(engine_statuses, engine_load))
+        r.register(_MemoryCollector(engine_statuses))
+        if catalog is not None:
+            r.register(_CatalogCollector(catalog, registry))
+        ProcessCollector(namespace="quantgate", registry=r)  # the gateway's own CPU, RSS, open fds

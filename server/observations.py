@@ -23,10 +23,16 @@ class Call:
     prediction: Prediction | None
     raw: tuple[float, float] | None  # uncorrected (TTFT, TPOT) ms the prediction came from
     started: float  # time.perf_counter() when the request arrived
+    tier: str = "default"
 
     @property
     def labels(self) -> dict[str, str]:
         return {"model": self.model, "variant": self.variant.id, "endpoint": self.endpoint}
+
+    @property
+    def request_labels(self) -> dict[str, str]:
+        """quantgate_requests_total's labels, less the status."""
+        return {**self.labels, "tier": self.tier}
 
 
 @dataclass(frozen=True)

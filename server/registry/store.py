@@ -244,6 +244,16 @@ class Registry:
             query, args = query + " WHERE variant_id = ?", (variant_id,)
         return [JobRecord(**dict(r)) for r in self._db.execute(query + " ORDER BY id", args)]
 
+    def counts(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+        """(variants by (model, state), jobs by state), for the metrics scrape."""
+        variants = {(r[0], r[1]): r[2] for r in
+                    self._db.execute("SELECT model, state, COUNT(*) FROM variants GROUP BY model, state")}
+        jobs = {r[0]: r[1] for r in self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")}
+        return variants, jobs
+
+    def running_jobs(self) -> list[JobRecord]:
+        return [JobRecord(**dict(r)) for r in self._db.execute("SELECT * FROM jobs WHERE state = 'running'")]
+
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
 

@@ -53,6 +53,7 @@ class EngineLoadScraper:
         self.interval_s = interval_s
         self.stale_after_s = stale_after_s
         self._gauges: dict[str, EngineGauges] = {}
+        self._pages: dict[str, tuple[bytes, float]] = {}  # the last /metrics page, re-exported as is
 
     def gauges(self, variant_id: str) -> EngineGauges:
         """The latest gauges, or zeros when they are stale (the gateway's own counts still apply)."""
@@ -64,6 +65,11 @@ class EngineLoadScraper:
     def all(self) -> dict[str, EngineGauges]:
         return {variant_id: self.gauges(variant_id) for variant_id in self._gauges}
 
+    def pages(self) -> dict[str, bytes]:
+        """Each serving engine's last /metrics page, when fresh (for GET /metrics/engines)."""
+        now = time.monotonic()
+        return {v: page for v, (page, at) in self._pages.items() if now - at <= self.stale_after_s}
+
     async def run(self) -> None:
         while True:
             serving = [s for s in self._statuses() if s.serving]
@@ -71,6 +77,8 @@ class EngineLoadScraper:
             live = {s.variant_id for s in serving}
             for gone in set(self._gauges) - live:
                 del self._gauges[gone]
+            for gone in set(self._pages) - live:
+                del self._pages[gone]
             await asyncio.sleep(self.interval_s)
 
     async def _scrape(self, status: EngineStatus) -> None:
@@ -80,4 +88,6 @@ class EngineLoadScraper:
         except httpx.HTTPError as exc:
             logger.debug("scraping %s failed: %s", status.variant_id, exc)
             return
-        self._gauges[status.variant_id] = parse_gauges(response.content, time.monotonic())
+        now = time.monotonic()
+        self._gauges[status.variant_id] = parse_gauges(response.content, now)
+        self._pages[status.variant_id] = (response.content, now)

@@ -113,7 +113,7 @@ def test_auth_is_enforced_on_v1_but_not_on_operations(gateway: GatewayProcess) -
 def test_gateway_metrics_count_served_requests(gateway: GatewayProcess, client: openai.OpenAI) -> None:
     client.chat.completions.create(model="smollm2-135m", messages=FRANCE, temperature=0, max_tokens=4)
     text = httpx.get(f"{gateway.url}/metrics").text
-    assert 'quantgate_requests_total{endpoint="chat",model="smollm2-135m",status="200",variant="smollm2-135m@bf16"}' \
+    assert 'quantgate_requests_total{endpoint="chat",model="smollm2-135m",status="200",tier="default",variant="smollm2-135m@bf16"}' \
         in text
     assert 'quantgate_engine_up{kind="local",variant="smollm2-135m@bf16"} 1.0' in text
 

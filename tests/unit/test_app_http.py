@@ -97,4 +97,4 @@ def test_admin_needs_the_admin_key(client: TestClient) -> None:
 def test_errors_are_counted_in_metrics(client: TestClient) -> None:
     client.post("/v1/chat/completions", json=CHAT, headers=_auth())
     text = client.get("/metrics").text
-    assert 'quantgate_requests_total{endpoint="chat",model="",status="404",variant=""} 1.0' in text
+    assert 'quantgate_requests_total{endpoint="chat",model="",status="404",tier="",variant=""} 1.0' in text
