@@ -12,7 +12,7 @@ CSTAMP := $(CVENV)/.installed-$(ENGINE)-$(HASH)
 # CPU machines: the local CPU build of torch; asking for plain torch would pull several GB of CUDA.
 TORCH := $(if $(filter cpu,$(ENGINE)),torch==2.13.0+cpu,torch)
 
-.PHONY: install tools serve test test-fast bench-skeleton bench-variants
+.PHONY: install tools serve test test-fast bench bench-skeleton bench-variants
 
 # Prometheus and promtool from Debian's `prometheus` package, unpacked under .cache/tools (the tests
 # check the rules and config with promtool and run a real Prometheus against a real gateway).
@@ -62,6 +62,13 @@ test: install tools
 # Unit tests only: no engine is started.
 test-fast: install tools
 	$(VENV)/bin/python -m pytest -m "not engine"
+
+# The CPU-sized load tests (~20 min on 2 cores): router vs single variants across loads, then the
+# gateway's overhead vs the engine directly and its proxied throughput over a FakeEngine.
+# Reports (JSON, markdown, PNG) in loadtests/results/<date>/.
+bench: install
+	$(VENV)/bin/python -m loadtests.bench
+	$(VENV)/bin/python -m loadtests.overhead
 
 # Cold start and gateway overhead for the walking skeleton (prints a table, writes loadtests/results/).
 bench-skeleton: install

@@ -21,10 +21,8 @@ import datetime as dt
 import json
 import os
 import random
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -32,8 +30,8 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-STORES = REPO / ".cache" / "test-home"
+from loadtests.local import REPO, bench_home, start, wait_built
+
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Explain what a CPU does.",
              "Write a haiku about the sea.", "What is 12 times 12?", "Give a tip for learning to code."]  # fmt: skip
 MAX_TOKENS = (32, 64, 128)
@@ -48,28 +46,6 @@ def trace(n: int, rate: float, seed: int) -> list[dict]:
         requests.append({"at": at, "question": rng.choice(QUESTIONS), "max_tokens": rng.choice(MAX_TOKENS),
                          "factor": rng.choice(BUDGET_FACTORS)})  # fmt: skip
     return requests
-
-
-def start(home: Path, port: int, variants: str) -> subprocess.Popen:
-    env = {**os.environ, "QUANTGATE_HOME": str(home), "QUANTGATE_PORT": str(port), "QUANTGATE_REGISTRY_PROFILE": "fast",
-           "QUANTGATE_DEFAULT_VARIANTS": variants, "QUANTGATE_MAX_PPL_DELTA": "1.0"}  # fmt: skip
-    log = open(home / "serve.log", "ab")  # noqa: SIM115 - lives as long as the gateway
-    return subprocess.Popen([sys.executable, "-m", "server", "serve"], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, cwd=REPO, start_new_session=True)  # fmt: skip
-
-
-def wait_built(http: httpx.Client, proc: subprocess.Popen, timeout_s: float) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            models = http.get("/admin/models").json()["models"]
-            variants = [v for m in models for v in m["variants"]]
-            if variants and all(v["state"] in ("ready", "rejected", "failed") for v in variants):
-                return variants
-        except (httpx.HTTPError, KeyError, ValueError):
-            pass
-        time.sleep(3)
-    raise SystemExit(f"variants not built in {timeout_s:.0f} s; see the gateway's serve.log")
 
 
 def budgets(http: httpx.Client, requests: list[dict]) -> None:
@@ -148,12 +124,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
     args = parser.parse_args()
-    home = REPO / ".cache" / "bench-home" / "router"
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
-    for store in ("checkpoints", "artifacts", "cache"):
-        (STORES / store).mkdir(parents=True, exist_ok=True)
-        (home / store).symlink_to(STORES / store)
+    home = bench_home("router")
     port = 18500 + os.getpid() % 400
     proc = start(home, port, args.variants)
     url = f"http://127.0.0.1:{port}"

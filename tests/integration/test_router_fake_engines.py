@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,16 +19,8 @@ import httpx
 import openai
 import pytest
 
-from server.engines.local import free_loopback_port
-from tests.integration.gateway_process import (
-    API_KEY,
-    REPO,
-    GatewayProcess,
-    admin,
-    shared_home,
-    start_gateway,
-    wait_for,
-)  # fmt: skip
+from tests.fakes.fleet import fake_fleet
+from tests.integration.gateway_process import API_KEY, GatewayProcess, admin, wait_for
 
 FAKES = {
     "fake@bf16": {"tpot_ms": 40, "spec": {"method": "base"}},
@@ -60,32 +49,12 @@ class FakeFleet:
                           headers={"Authorization": f"Bearer {API_KEY}", **(headers or {})})
 
 
-def _start_fake(variant_id: str, port: int, options: dict) -> subprocess.Popen:
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "spec"]
-    return subprocess.Popen([sys.executable, "-m", "tests.fakes.fake_engine", "--model", variant_id,
-                             f"--port={port}", *args], cwd=REPO, stdin=subprocess.DEVNULL)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def fleet() -> Iterator[FakeFleet]:
-    ports = {variant_id: free_loopback_port() for variant_id in FAKES}
-    procs = [_start_fake(v, ports[v], options) for v, options in FAKES.items()]
-    urls = {v: f"http://127.0.0.1:{port}" for v, port in ports.items()}
-    remotes = {v: {"url": urls[v], "priority_scheduling": True, **FAKES[v]["spec"]} for v in FAKES}
     routing = {"tiers": {"flex": {"policy": "reject"}}}
-    gateway = start_gateway(free_loopback_port(), home=shared_home("router-fakes", share=()),
-                            QUANTGATE_EMBEDDED_MODEL="false", QUANTGATE_REMOTE_ENGINES=json.dumps(remotes),
-                            QUANTGATE_ROUTING=json.dumps(routing), QUANTGATE_LOAD_SCRAPE_INTERVAL_S="0.25")
-    try:
-        gateway.wait_ready(timeout_s=120)
-        profiled = lambda: all(r["priors"] for r in admin(gateway, "GET", "/admin/routing/fake").json()["variants"])
-        assert wait_for(profiled, 60, 0.5), gateway.log_tail()
+    with fake_fleet(FAKES, "router-fakes", QUANTGATE_ROUTING=json.dumps(routing),
+                    QUANTGATE_LOAD_SCRAPE_INTERVAL_S="0.25") as (gateway, urls):
         yield FakeFleet(gateway, urls)
-    finally:
-        gateway.stop(signal.SIGTERM)
-        for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=10)
 
 
 def test_profiles_measure_each_variant_s_own_speed_with_fake_engines(fleet: FakeFleet) -> None:

@@ -1,0 +1,257 @@
+"""Side by side on the same engines and the same trace: always the base, always the fastest variant,
+round-robin over the variants, and the quantgate router, with the load swept from a fraction to
+more than the base variant's capacity.
+
+    python -m loadtests.bench                          # CPU: starts `quantgate serve` (bundled model + variants)
+    python -m loadtests.bench --gateway http://127.0.0.1:8000 --model llama-3.1-8b --label h100
+
+1. Variants and their quality from GET /v1/models (ppl delta; ppl where the registry measured it).
+2. Budgets: each request's budget is its factor (0.6x-3x) times the base's predicted idle latency for
+   its size (GET /admin/routing/{model}, taken before any load), so budgets are tight or loose
+   relative to the machine at hand. The fastest variant is the one with the lowest predicted idle
+   latency for the median request.
+3. Capacity: closed loop on the base (`--capacity-concurrency` users) for `--capacity-s`; the base
+   capacity in requests/s for this trace's lengths.
+4. For each load (x capacity) and each scenario: the seeded trace, open loop, streamed; a request
+   meets its budget when its measured end-to-end latency is within it. Goodput = budgets met per
+   second of trace.
+
+Writes bench-<label>.json (every request) and bench-<label>.md, and plots (loadtests/plots.py).
+A measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import itertools
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from loadtests import harness
+from loadtests.local import bench_home, start, wait_built
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = ("always-base", "always-fastest", "round-robin", "router")
+ADMIN_HEADERS: dict[str, str] = {}  # Authorization for /admin/* when the gateway has an admin key
+
+
+def discover(http: httpx.Client, model: str) -> list[dict]:
+    data = http.get("/v1/models").json()["data"]
+    variants = [m for m in data if m.get("parent") == model and m.get("ready")]
+    if not variants:
+        raise SystemExit(f"no ready variant of {model!r}: {[m['id'] for m in data]}")
+    return variants
+
+
+def predicted_idle(http: httpx.Client, model: str, prompt_tokens: int, output_tokens: int) -> dict[str, float]:
+    view = http.get(f"/admin/routing/{model}", params={"prompt_tokens": prompt_tokens, "output_tokens": output_tokens},
+                    headers=ADMIN_HEADERS).json()  # fmt: skip
+    return {row["variant"]: row["predicted"]["idle_e2e_ms"] for row in view["variants"] if row["predicted"]}
+
+
+def set_budgets(http: httpx.Client, model: str, base: str, trace: list[harness.TraceRequest]) -> None:
+    cache: dict[tuple[int, int], dict[str, float]] = {}
+    for r in trace:
+        key = (r.prompt_tokens, r.max_tokens)
+        if key not in cache:
+            cache[key] = predicted_idle(http, model, *key)
+        r.budget_ms = r.budget_factor * cache[key][base]
+
+
+def model_for(scenario: str, model: str, base: str, fastest: str, ladder: list[str]):
+    if scenario == "always-base":
+        return lambda r: base
+    if scenario == "always-fastest":
+        return lambda r: fastest
+    if scenario == "round-robin":
+        cycle = itertools.cycle(ladder)
+        return lambda r: next(cycle)
+    return lambda r: model
+
+
+def run(args: argparse.Namespace, url: str) -> dict:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if args.admin_key:
+        ADMIN_HEADERS["Authorization"] = f"Bearer {args.admin_key}"
+    with httpx.Client(base_url=url, timeout=60, trust_env=False, headers=headers) as http:
+        variants = discover(http, args.model)
+        base = next(v["id"] for v in variants if v["method"] == "base")
+        spec = harness.TraceSpec(requests=args.max_requests, seed=args.seed, arrival=args.arrival,
+                                 prompt_median=args.prompt_median, output_median=args.output_median,
+                                 prompt_max=args.prompt_max, output_max=args.output_max)  # fmt: skip
+        trace = harness.make_trace(spec)
+        set_budgets(http, args.model, base, trace)
+        median = sorted(trace, key=lambda r: r.prompt_tokens + r.max_tokens)[len(trace) // 2]
+        idle = predicted_idle(http, args.model, median.prompt_tokens, median.max_tokens)
+    fastest = min(idle, key=idle.get)
+    ladder = [v["id"] for v in variants]
+    ppl_delta = {v["id"]: v.get("ppl_delta") or 0.0 for v in variants}
+    ppl = {v["id"]: v["ppl"] for v in variants if v.get("ppl")}
+    print(f"variants {ladder}; base {base}; fastest (predicted idle, median request) {fastest}", flush=True)
+
+    capacity_trace = harness.make_trace(dataclasses.replace(spec, requests=4096, seed=args.seed + 1))
+    for r in capacity_trace:
+        r.tier = "default"
+    started = time.perf_counter()
+    results = asyncio.run(harness.closed_loop(url, capacity_trace, args.capacity_concurrency, base, "capacity",
+                                              duration_s=args.capacity_s, headers=headers))  # fmt: skip
+    capacity = len(results) / (time.perf_counter() - started)
+    print(f"base capacity: {capacity:.2f} req/s at {args.capacity_concurrency} concurrent", flush=True)
+
+    runs = []
+    for load in args.loads:
+        rate = load * capacity
+        n = max(4, min(args.max_requests, round(rate * args.seconds_per_run)))
+        requests = trace[:n]
+        span = requests[-1].at_unit / rate
+        for scenario in args.scenarios:
+            time.sleep(args.pause_s)
+            chooser = model_for(scenario, args.model, base, fastest, ladder)
+            results = asyncio.run(harness.open_loop(url, requests, rate, chooser, scenario, headers))
+            summary = harness.summarize(results, span, ppl or None)
+            answered = [r for r in results if r.variant in ppl_delta]
+            summary["quality_weighted_ppl_delta"] = (statistics.fmean(ppl_delta[r.variant] for r in answered)
+                                                     if answered else None)  # fmt: skip
+            records = harness.as_dicts(results)
+            if args.compact:  # per-token gaps dominate the file; the summaries keep their percentiles
+                for record in records:
+                    record.pop("itl_ms")
+            runs.append({"scenario": scenario, "load": load, "rate_rps": rate, "span_s": span, **summary,
+                         "results": records})  # fmt: skip
+            print(f"load {load:>4}x ({rate:6.2f} req/s, {n} req)  {scenario:<15} attainment "
+                  f"{summary['budget_attainment']:.0%}  goodput {summary['goodput_rps']:.2f}/s  "
+                  f"ttft p50 {summary['ttft_ms_p50']}  e2e p50 {summary['e2e_ms_p50']}  {summary['variants']}",
+                  flush=True)  # fmt: skip
+    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "label": args.label,
+            "command": "python -m loadtests.bench " + " ".join(sys.argv[1:]),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "model": args.model,
+            "variants": variants, "base": base, "fastest": fastest, "idle_predicted_ms_median_request": idle,
+            "capacity_rps": capacity, "capacity_concurrency": args.capacity_concurrency,
+            "trace": spec.__dict__, "compact": args.compact, "runs": runs}  # fmt: skip
+
+
+def headline(report: dict) -> dict:
+    """Router goodput vs the best single variant at each load, and its quality cost."""
+    out = {}
+    for load in sorted({r["load"] for r in report["runs"]}):
+        at = {r["scenario"]: r for r in report["runs"] if r["load"] == load}
+        singles = [at[s] for s in ("always-base", "always-fastest") if s in at]
+        if "router" not in at or not singles:
+            continue
+        best = max(singles, key=lambda r: r["goodput_rps"] or 0)
+        ratio = (at["router"]["goodput_rps"] / best["goodput_rps"]) if best["goodput_rps"] else None
+        out[str(load)] = {"router_goodput_rps": at["router"]["goodput_rps"], "best_single": best["scenario"],
+                          "best_single_goodput_rps": best["goodput_rps"], "goodput_ratio": ratio,
+                          "router_ppl_delta": at["router"]["quality_weighted_ppl_delta"]}  # fmt: skip
+    return out
+
+
+def render(report: dict) -> str:
+    def f(value, fmt: str) -> str:
+        return "-" if value is None else format(value, fmt)
+
+    lines = [f"# Router vs single variants, side by side ({report['label']}, {report['date']})", "",
+             f"`{report['command']}` on {report['machine']}; model `{report['model']}`.", "",
+             "| variant | method | ppl delta | predicted idle e2e, median request (ms) |", "|---|---|---|---|"]  # fmt: skip
+    for v in report["variants"]:
+        lines.append(f"| {v['id']} | {v['method']} | {f(v.get('ppl_delta'), '+.1%')} | "
+                     f"{f(report['idle_predicted_ms_median_request'].get(v['id']), '.0f')} |")  # fmt: skip
+    capacity = (f"Base capacity: **{report['capacity_rps']:.2f} req/s** (closed loop, {report['capacity_concurrency']} "
+                f"concurrent). Fastest variant by prediction: `{report['fastest']}`.")
+    header = ("| load | scenario | req | budgets met | goodput req/s | ppl delta (quality-weighted) | TTFT p50 / p99 ms | "
+              "ITL p50 / p99 ms | e2e p50 / p99 ms | errors | served |")
+    lines += ["", capacity, "", header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['load']}x | {r['scenario']} | {r['requests']} | {f(r['budget_attainment'], '.0%')} | "
+                     f"{f(r['goodput_rps'], '.2f')} | {f(r['quality_weighted_ppl_delta'], '+.2%')} | "
+                     f"{f(r['ttft_ms_p50'], '.0f')} / {f(r['ttft_ms_p99'], '.0f')} | "
+                     f"{f(r['itl_ms_p50'], '.1f')} / {f(r['itl_ms_p99'], '.1f')} | "
+                     f"{f(r['e2e_ms_p50'], '.0f')} / {f(r['e2e_ms_p99'], '.0f')} | {r['errors']} | "
+                     f"{', '.join(f'{k.split(chr(64))[-1]}:{n}' for k, n in sorted(r['variants'].items()))} |")
+    lines += ["", "Headline: router goodput over the better of always-base and always-fastest, per load.", "",
+              "| load | router goodput | best single | its goodput | ratio | router ppl delta |", "|---|---|---|---|---|---|"]
+    for load, h in report["headline"].items():
+        lines.append(f"| {load}x | {f(h['router_goodput_rps'], '.2f')} | {h['best_single']} | "
+                     f"{f(h['best_single_goodput_rps'], '.2f')} | {f(h['goodput_ratio'], '.2f')} | "
+                     f"{f(h['router_ppl_delta'], '+.2%')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    report["headline"] = headline(report)
+    (out / f"bench-{report['label']}.json").write_text(json.dumps(report, indent=None if report.get("compact") else 1)
+                                                       + "\n")  # fmt: skip
+    (out / f"bench-{report['label']}.md").write_text(render(report))
+    print(render(report))
+    try:
+        from loadtests import plots
+    except ImportError as exc:  # matplotlib is in the test extra; a GPU box may not have it
+        print(f"no plots ({exc}); run `python -m loadtests.plots {out / ('bench-' + report['label'] + '.json')}`")
+        return
+    plots.bench(report, out)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gateway", help="a running gateway's URL; default: start `quantgate serve` here")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--variants", default="int8,int4-gptq", help="variants a local gateway builds (fast profile)")
+    p.add_argument("--api-key")
+    p.add_argument("--admin-key", help="for GET /admin/routing (not needed from the gateway's own host without one)")
+    p.add_argument("--label", default="cpu")
+    p.add_argument("--scenarios", type=lambda s: s.split(","), default=list(SCENARIOS))
+    p.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5, 1.0, 1.5])
+    p.add_argument("--seconds-per-run", type=float, default=24.0)
+    p.add_argument("--max-requests", type=int, default=400)
+    p.add_argument("--capacity-concurrency", type=int, default=8)
+    p.add_argument("--capacity-s", type=float, default=30.0)
+    p.add_argument("--pause-s", type=float, default=3.0, help="quiet time between runs (queues drain)")
+    p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
+    p.add_argument("--prompt-median", type=int, default=64)
+    p.add_argument("--prompt-max", type=int, default=512)
+    p.add_argument("--output-median", type=int, default=48)
+    p.add_argument("--output-max", type=int, default=160)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compact", action="store_true", help="leave per-token gaps out of the JSON (big runs)")
+    p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
+    return p
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.gateway:
+        write(run(args, args.gateway.rstrip("/")), args.out)
+        return
+    home = bench_home("bench")
+    port = 18900 + os.getpid() % 90
+    proc = start(home, port, args.variants)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
+            wait_built(http, proc, 3600)
+            deadline = time.monotonic() + 300  # every ready variant profiled and served
+            while time.monotonic() < deadline:
+                view = http.get(f"/admin/routing/{args.model}").json()["variants"]
+                if view and all(v["serving"] and v["priors"] for v in view):
+                    break
+                time.sleep(2)
+        write(run(args, url), args.out)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+#!/bin/bash
+# Starts four vLLM 0.22 engines on one H100 for the GPU load test: Llama-3.1-8B-shaped random weights
+# (--load-format dummy; configs from shared/gpu/models, carried as .gpu/payload/models) as bf16, FP8
+# (dynamic, on load), INT8 W8A8 (compressed-tensors) and W4A16 (GPTQ g128, Marlin). One after
+# another, each given its own share of the GPU's memory, each with --scheduling-policy priority.
+# Usage (device, repository root, after `bash .gpu/payload/unpack.sh && source .gpu/payload/env.sh`):
+#   bash loadtests/gpu/engines.sh LOG_DIR
+set -uo pipefail
+LOG=${1:?log dir}
+M=$PWD/.gpu/payload/models
+mkdir -p "$LOG"
+# The tokenizer is SmolLM2's (vocab 49152, as the configs say), chat template included.
+common=(--load-format dummy --tokenizer "$M/llama8b" --chat-template "$M/llama8b/chat_template.jinja" --max-model-len 2048 --scheduling-policy priority
+        --disable-uvicorn-access-log --host 127.0.0.1)
+# EAGER=1: no torch.compile / CUDA graphs (~1 min to start instead of ~2; slower decode at small batch).
+if [ "${EAGER:-0}" = 1 ]; then common+=(--enforce-eager); fi
+start() {  # name port model-dir gpu-share [extra args...]
+  local name=$1 port=$2 dir=$3 share=$4; shift 4
+  echo "$(date +%T) starting $name" >> "$LOG/engines.txt"
+  setsid nohup python3 -m vllm.entrypoints.openai.api_server --model "$M/$dir" --served-model-name "llama-3.1-8b@$name" \
+    --port "$port" --gpu-memory-utilization "$share" "${common[@]}" "$@" > "$LOG/engine-$name.log" 2>&1 < /dev/null &
+  for _ in $(seq 1 240); do
+    if curl -fs "127.0.0.1:$port/health" > /dev/null 2>&1; then echo "$(date +%T) $name ready" >> "$LOG/engines.txt"; return 0; fi
+    sleep 1
+  done
+  echo "$(date +%T) $name NOT ready" >> "$LOG/engines.txt"; tail -30 "$LOG/engine-$name.log" >> "$LOG/engines.txt"; return 1
+}
+start bf16 8101 llama8b 0.30
+start fp8 8102 llama8b 0.19 --quantization fp8
+start int8 8103 llama8b_ct_w8a8_int8 0.19
+VLLM_DISABLED_KERNELS=MacheteLinearKernel start w4a16 8104 llama8b_gptq_w4g128 0.15
+nvidia-smi --query-gpu=memory.used,memory.total --format=csv >> "$LOG/engines.txt"

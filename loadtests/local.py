@@ -1,0 +1,48 @@
+"""A local `quantgate serve` for the benchmark scripts: its own QUANTGATE_HOME sharing the test home's
+content-addressed stores (converted checkpoints and built variants are reused), started and waited for."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+STORES = REPO / ".cache" / "test-home"
+
+
+def bench_home(name: str) -> Path:
+    home = REPO / ".cache" / "bench-home" / name
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    for store in ("checkpoints", "artifacts", "cache"):
+        (STORES / store).mkdir(parents=True, exist_ok=True)
+        (home / store).symlink_to(STORES / store)
+    return home
+
+
+def start(home: Path, port: int, variants: str) -> subprocess.Popen:
+    env = {**os.environ, "QUANTGATE_HOME": str(home), "QUANTGATE_PORT": str(port), "QUANTGATE_REGISTRY_PROFILE": "fast",
+           "QUANTGATE_DEFAULT_VARIANTS": variants, "QUANTGATE_MAX_PPL_DELTA": "1.0"}  # fmt: skip
+    log = open(home / "serve.log", "ab")  # noqa: SIM115 - lives as long as the gateway
+    return subprocess.Popen([sys.executable, "-m", "server", "serve"], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, cwd=REPO, start_new_session=True)  # fmt: skip
+
+
+def wait_built(http: httpx.Client, proc: subprocess.Popen, timeout_s: float) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            models = http.get("/admin/models").json()["models"]
+            variants = [v for m in models for v in m["variants"]]
+            if variants and all(v["state"] in ("ready", "rejected", "failed") for v in variants):
+                return variants
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+        time.sleep(3)
+    raise SystemExit(f"variants not built in {timeout_s:.0f} s; see the gateway's serve.log")

@@ -1,0 +1,256 @@
+"""What the gateway costs: the same requests direct to an engine and through the gateway, and how
+many requests per second one gateway core proxies.
+
+    python -m loadtests.overhead                       # CPU: starts `quantgate serve` (the bundled model)
+    python -m loadtests.overhead --gateway URL --model M [--skip-fake]
+
+1. Latency overhead, real engine: at each concurrency, rounds of the same closed-loop trace (short
+   prompts, streamed) alternate direct to the engine (its own URL, from GET /admin/engines) and
+   through the gateway (the logical model: routing included). TTFT and end-to-end p50/p99 per path
+   and their difference; plus the gateway's own `quantgate_gateway_overhead_seconds` histogram
+   (request arrival to the upstream call).
+2. Throughput, FakeEngine (zero latency; a fake only at the engine boundary): closed loop with many
+   users through a fresh gateway, streamed and not; requests/s, and requests per CPU-second of the
+   gateway process (its own user+system time), which is the per-core number whatever else shares
+   the machine's cores.
+
+Writes overhead-<label>.json/.md. A measurement, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from loadtests import harness
+from loadtests.local import bench_home, start, wait_built
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = harness.TraceSpec(requests=4096, seed=7, prompt_median=24, prompt_max=64, output_median=16, output_max=16,
+                         budget_factors=((1.0, 1),), tiers=(("default", 1),))  # fmt: skip
+
+
+def _trace(n: int) -> list[harness.TraceRequest]:
+    trace = harness.make_trace(dataclasses.replace(SPEC, requests=n))
+    for r in trace:
+        r.max_tokens = 16
+    return trace
+
+
+def _overhead_histogram(url: str) -> dict[float, float]:
+    """Cumulative bucket counts of quantgate_gateway_overhead_seconds, summed over endpoints."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "quantgate_gateway_overhead_seconds":
+            for s in family.samples:
+                if s.name.endswith("_bucket"):
+                    le = float(s.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + s.value
+    return buckets
+
+
+def _bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """Upper bound of the bucket holding the q-quantile of what was observed between two scrapes."""
+    counts = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    total = counts[-1][1] if counts else 0
+    if total <= 0:
+        return None
+    for le, cumulative in counts:
+        if cumulative >= q * total:
+            return le
+    return None
+
+
+def latency_overhead(url: str, model: str, engine_url: str, engine_model: str, concurrencies: list[int],
+                     per_round: int, rounds: int, headers: dict[str, str]) -> list[dict]:  # fmt: skip
+    rows = []
+    for concurrency in concurrencies:
+        paths: dict[str, list[harness.Result]] = {"direct": [], "gateway": []}
+        before = _overhead_histogram(url)
+        for i in range(rounds):
+            trace = _trace(per_round)
+            order = [("direct", engine_url, engine_model), ("gateway", url, model)]
+            for name, target, target_model in order if i % 2 == 0 else order[::-1]:
+                fresh = [dataclasses.replace(r) for r in trace]
+                paths[name] += asyncio.run(harness.closed_loop(target, fresh, concurrency, target_model, name,
+                                                               headers=headers))  # fmt: skip
+        after = _overhead_histogram(url)
+        row = {"concurrency": concurrency, "requests_per_path": len(paths["direct"])}
+        for name, results in paths.items():
+            ok = [r for r in results if r.status == 200 and r.error is None]
+            row[name] = {"errors": len(results) - len(ok),
+                         "ttft_ms_p50": harness.percentile([r.ttft_ms for r in ok if r.ttft_ms], 0.5),
+                         "ttft_ms_p99": harness.percentile([r.ttft_ms for r in ok if r.ttft_ms], 0.99),
+                         "e2e_ms_p50": harness.percentile([r.e2e_ms for r in ok], 0.5),
+                         "e2e_ms_p99": harness.percentile([r.e2e_ms for r in ok], 0.99)}  # fmt: skip
+        for key in ("ttft_ms_p50", "ttft_ms_p99", "e2e_ms_p50", "e2e_ms_p99"):
+            both = (row["gateway"][key], row["direct"][key])
+            row[f"delta_{key}"] = None if None in both else both[0] - both[1]
+        row["in_gateway_ms_p50_at_most"] = (_bucket_quantile(before, after, 0.5) or 0) * 1000
+        row["in_gateway_ms_p99_at_most"] = (_bucket_quantile(before, after, 0.99) or 0) * 1000
+        rows.append(row)
+        print(f"concurrency {concurrency:>3}: TTFT p50 direct {row['direct']['ttft_ms_p50']} gateway "
+              f"{row['gateway']['ttft_ms_p50']} (delta {row['delta_ttft_ms_p50']} ms), errors "
+              f"{row['direct']['errors']} / {row['gateway']['errors']}", flush=True)  # fmt: skip
+    return rows
+
+
+def fake_throughput(seconds: float, concurrency: int) -> list[dict]:
+    """A fresh gateway over one zero-latency FakeEngine, closed loop; requests per gateway CPU-second."""
+    from server.engines.local import free_loopback_port
+
+    fake_port, port = free_loopback_port(), free_loopback_port()
+    fake = subprocess.Popen([sys.executable, "-m", "tests.fakes.fake_engine", "--model", "fake@bf16",
+                             f"--port={fake_port}", "--ttft-ms=0", "--tpot-ms=0", "--max-running=100000"],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    home = REPO / ".cache" / "bench-home" / "overhead-fake"
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir(parents=True)
+    env = {**os.environ, "QUANTGATE_HOME": str(home), "QUANTGATE_PORT": str(port), "QUANTGATE_EMBEDDED_MODEL": "false",
+           "QUANTGATE_LOG_LEVEL": "warning",
+           "QUANTGATE_REMOTE_ENGINES": json.dumps({"fake@bf16": {"url": f"http://127.0.0.1:{fake_port}", "method": "base"}})}  # fmt: skip
+    with open(home / "serve.log", "wb") as log:
+        gateway = subprocess.Popen([sys.executable, "-m", "server", "serve"], env=env, cwd=REPO, start_new_session=True,
+                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    rows = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        time.sleep(3)  # the profiling run of the fake is done in well under that
+        process = psutil.Process(gateway.pid)
+        for stream in (True, False):
+            trace = _trace(200_000)
+            cpu0, t0 = sum(process.cpu_times()[:2]), time.perf_counter()
+            results = asyncio.run(_closed_loop_plain(url, trace, concurrency, seconds, stream))
+            cpu, wall = sum(process.cpu_times()[:2]) - cpu0, time.perf_counter() - t0
+            ok = sum(1 for status in results if status == 200)
+            rows.append({"stream": stream, "concurrency": concurrency, "seconds": round(wall, 2), "answered": ok,
+                         "errors": len(results) - ok, "requests_per_s": ok / wall, "gateway_cpu_s": round(cpu, 2),
+                         "requests_per_gateway_cpu_s": ok / cpu if cpu else None})  # fmt: skip
+            print(f"fake engine, stream={stream}: {ok / wall:.0f} req/s, {ok / cpu:.0f} per gateway CPU-second", flush=True)
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        gateway.wait(timeout=60)
+        fake.terminate()
+        fake.wait(timeout=10)
+    return rows
+
+
+async def _closed_loop_plain(url: str, trace: list[harness.TraceRequest], concurrency: int, seconds: float,
+                             stream: bool) -> list[int]:  # fmt: skip
+    """As lean a client as possible (statuses only), so the load generator is not what is measured."""
+    statuses: list[int] = []
+    queue = iter(trace)
+    async with harness.client(concurrency) as http:
+        t0 = time.perf_counter()
+
+        async def user() -> None:
+            for r in queue:
+                if time.perf_counter() - t0 > seconds:
+                    return
+                body = {"model": "fake", "messages": [{"role": "user", "content": r.prompt}], "max_tokens": 16,
+                        "stream": stream}  # fmt: skip
+                async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+                    await response.aread()
+                    statuses.append(response.status_code)
+
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+    return statuses
+
+
+def _f(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def render(report: dict) -> str:
+    lines = [f"# Gateway overhead ({report['label']}, {report['date']})", "",
+             f"`{report['command']}` on {report['machine']}.", "",
+             "Same closed-loop requests (16 output tokens, streamed), direct to the engine vs through the gateway "
+             "(routing included), alternating rounds. Deltas are gateway minus direct.", "",
+             "| concurrency | req/path | TTFT p50 direct / gateway (ms) | TTFT p50 delta | TTFT p99 delta | e2e p50 delta | "
+             "e2e p99 delta | in-gateway p50 / p99 (bucket bound, ms) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["latency"]:
+        lines.append(f"| {r['concurrency']} | {r['requests_per_path']} | {_f(r['direct']['ttft_ms_p50'], '.1f')} / "
+                     f"{_f(r['gateway']['ttft_ms_p50'], '.1f')} | {_f(r['delta_ttft_ms_p50'], '+.2f')} | "
+                     f"{_f(r['delta_ttft_ms_p99'], '+.2f')} | {_f(r['delta_e2e_ms_p50'], '+.2f')} | "
+                     f"{_f(r['delta_e2e_ms_p99'], '+.2f')} | "
+                     f"{r['in_gateway_ms_p50_at_most']:.2f} / {r['in_gateway_ms_p99_at_most']:.2f} |")  # fmt: skip
+    if report.get("fake"):
+        lines += ["", "Proxied throughput over a zero-latency FakeEngine (load generator, gateway and fake share the "
+                  "machine's cores; per gateway CPU-second is the per-core figure):", "",
+                  "| stream | concurrency | req/s | per gateway CPU-second | errors |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in report["fake"]:
+            lines.append(f"| {r['stream']} | {r['concurrency']} | {r['requests_per_s']:.0f} | "
+                         f"{_f(r['requests_per_gateway_cpu_s'], '.0f')} | {r['errors']} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gateway")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--label", default="cpu")
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
+    p.add_argument("--per-round", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--skip-fake", action="store_true")
+    p.add_argument("--fake-seconds", type=float, default=15)
+    p.add_argument("--fake-concurrency", type=int, default=64)
+    p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
+    args = p.parse_args()
+    proc = None
+    url = args.gateway
+    if url is None:
+        home = bench_home("overhead")
+        port = 18990 + os.getpid() % 9
+        proc = start(home, port, "")
+        url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
+            if proc is not None:
+                wait_built(http, proc, 1800)
+            engines = [e for e in http.get("/admin/engines").json()["engines"] if e["state"] == "ready"
+                       and e["variant_id"].split("@")[0] == args.model]  # fmt: skip
+        base = min(engines, key=lambda e: e["variant_id"])
+        print(f"direct: {base['variant_id']} at {base['base_url']}", flush=True)
+        latency = latency_overhead(url, args.model, base["base_url"], base["variant_id"], args.concurrency,
+                                   args.per_round, args.rounds, {})  # fmt: skip
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+    fake = [] if args.skip_fake else fake_throughput(args.fake_seconds, args.fake_concurrency)
+    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "label": args.label,
+              "command": "python -m loadtests.overhead " + " ".join(sys.argv[1:]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "latency": latency, "fake": fake}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"overhead-{args.label}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"overhead-{args.label}.md").write_text(render(report))
+    print(render(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The load-test harness end to end on a tiny trace, against a gateway over FakeEngines (fakes only
+at the engine boundary): every scenario runs at every load, records each request, and the report,
+its headline and its plots are written. Checks the harness works, not how fast anything is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loadtests import bench, harness
+from tests.fakes.fleet import fake_fleet
+from tests.integration.gateway_process import ADMIN_KEY, API_KEY
+
+FAKES = {
+    "smoke@bf16": {"tpot_ms": 20, "ttft_ms": 30, "spec": {"method": "base"}},
+    "smoke@int8": {"tpot_ms": 5, "ttft_ms": 10, "spec": {"method": "int8", "bits": 8, "ppl_delta": 0.02}},
+}
+
+
+def test_trace_is_seeded_and_scales_with_the_rate() -> None:
+    spec = harness.TraceSpec(requests=50, seed=3, arrival="gamma")
+    one, two = harness.make_trace(spec), harness.make_trace(spec)
+    assert [(r.prompt, r.max_tokens, r.budget_factor, r.tier) for r in one] == \
+        [(r.prompt, r.max_tokens, r.budget_factor, r.tier) for r in two]  # fmt: skip
+    assert all(b.at_unit > a.at_unit for a, b in zip(one, one[1:], strict=False))
+    assert {r.tier for r in one} <= {"default", "priority", "flex"}
+    assert all(1 <= r.max_tokens <= spec.output_max for r in one)
+    assert harness.percentile([1, 2, 3, 4], 0.5) == 2 and harness.percentile([], 0.5) is None
+
+
+def test_bench_runs_every_scenario_and_load_and_writes_its_report(tmp_path: Path) -> None:
+    with fake_fleet(FAKES, "loadtest-smoke") as (gateway, _):
+        args = bench.parser().parse_args([
+            "--gateway", gateway.url, "--model", "smoke", "--label", "smoke", "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
+            "--loads", "0.5,1.0", "--seconds-per-run", "2", "--capacity-s", "2", "--capacity-concurrency", "4",
+            "--pause-s", "0", "--output-median", "8", "--output-max", "16", "--max-requests", "40",
+            "--out", str(tmp_path),
+        ])  # fmt: skip
+        bench.write(bench.run(args, gateway.url), tmp_path)
+    report = json.loads((tmp_path / "bench-smoke.json").read_text())
+    assert report["base"] == "smoke@bf16" and report["fastest"] == "smoke@int8"
+    assert report["capacity_rps"] > 0
+    assert [(r["load"], r["scenario"]) for r in report["runs"]] == \
+        [(load, s) for load in (0.5, 1.0) for s in bench.SCENARIOS]  # fmt: skip
+    for run in report["runs"]:
+        assert run["errors"] == 0, run["error_statuses"]
+        assert run["requests"] == len(run["results"]) >= 4
+        assert all(r["ttft_ms"] is not None and r["budget_ms"] > 0 and r["met"] is not None for r in run["results"])
+        expected = {"always-base": {"smoke@bf16"}, "always-fastest": {"smoke@int8"},
+                    "round-robin": {"smoke@bf16", "smoke@int8"}}.get(run["scenario"])  # fmt: skip
+        if expected:
+            assert set(run["variants"]) == expected
+    assert set(report["headline"]) == {"0.5", "1.0"}
+    assert "| 1.0x | router |" in (tmp_path / "bench-smoke.md").read_text()
+    for name in ("attainment", "goodput", "latency-cdf", "routing-mix"):
+        assert (tmp_path / f"bench-smoke-{name}.png").stat().st_size > 1000
+
+
+def test_fake_throughput_bench_proxies_without_errors() -> None:
+    from loadtests.overhead import fake_throughput
+
+    rows = fake_throughput(seconds=2, concurrency=8)
+    assert [r["stream"] for r in rows] == [True, False]
+    for row in rows:
+        assert row["errors"] == 0 and row["answered"] > 10
+        assert row["requests_per_gateway_cpu_s"] > 0
