@@ -13,7 +13,7 @@ from server import __version__
 from server.api import admin_routes, openai_routes, ops_routes
 from server.bootstrap import Bootstrap, local_engine_config
 from server.catalog import Catalog
-from server.engines.client import EngineClient, build_http_client
+from server.engines.client import EngineClient, build_http_client, build_upstream_session
 from server.engines.hardware import detect
 from server.engines.supervisor import EngineSupervisor
 from server.errors import install_error_handlers
@@ -50,7 +50,10 @@ def create_app(settings: Settings) -> FastAPI:
         )  # fmt: skip
         service = ModelService(settings, registry, builder, catalog, supervisor, hardware.device)
         metrics = GatewayMetrics(supervisor.statuses, load.all, catalog, registry)
-        gateway = Gateway(settings, catalog, supervisor, EngineClient(http), metrics, service, book, load)
+        upstream = EngineClient(build_upstream_session(settings.upstream_connect_timeout_s,
+                                                       settings.upstream_read_timeout_s,
+                                                       settings.upstream_max_connections))  # fmt: skip
+        gateway = Gateway(settings, catalog, supervisor, upstream, metrics, service, book, load)
         app.state.gateway = gateway
         boot = asyncio.create_task(Bootstrap(settings, registry, builder, service, catalog, supervisor).run(),
                                    name="bootstrap")
@@ -64,6 +67,7 @@ def create_app(settings: Settings) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             await supervisor.stop_all()
+            await upstream.aclose()
             await http.aclose()
             registry.close()
 

@@ -8,8 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import httpx
-
+from server.engines.client import UpstreamBroken, UpstreamStream
 from server.errors import error_body
 
 logger = logging.getLogger(__name__)
@@ -50,19 +49,19 @@ def _parse_usage(data: bytes) -> dict | None:
 
 
 async def relay(
-    upstream: httpx.Response, timing: StreamTiming, on_close: Callable[[StreamTiming], None]
+    upstream: UpstreamStream, timing: StreamTiming, on_close: Callable[[StreamTiming], None]
 ) -> AsyncIterator[bytes]:
     """Yield the engine's bytes unchanged. If the client goes away the ASGI server cancels this
     generator and `finally` closes the upstream connection, which makes vLLM abort the request."""
     try:
-        async for chunk in upstream.aiter_raw():
+        async for chunk in upstream.chunks():
             timing.chunk(time.perf_counter(), chunk)
             yield chunk
-    except httpx.HTTPError as exc:
+    except UpstreamBroken as exc:
         # Bytes already reached the client: the status is sent, so report in-band as vLLM does.
-        logger.warning("upstream stream broke: %s", type(exc).__name__)
-        body = error_body(f"engine stream interrupted: {type(exc).__name__}", "server_error", None, 503)
+        logger.warning("upstream stream broke: %s", exc)
+        body = error_body(f"engine stream interrupted: {exc}", "server_error", None, 503)
         yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
     finally:
-        await upstream.aclose()
+        await upstream.close()
         on_close(timing)

@@ -1,11 +1,20 @@
-"""HTTP to engines: one shared httpx.AsyncClient, upstream errors mapped to gateway errors."""
+"""HTTP to engines, upstream errors mapped to gateway errors.
+
+The request path (completions, streamed or not) goes through one aiohttp session: its connection
+pool hands out an idle connection in O(1), where httpx's scans every pooled connection (and polls
+each idle socket) per request, which cost the gateway ~1-2 ms of CPU per request under load
+(loadtests/overhead.py). The slow, off-path traffic (health polls, metric scrapes, profiling)
+stays on the shared httpx.AsyncClient.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpx
 
 from server.errors import ContextLengthExceeded, EngineUnavailable, GatewayError, InvalidRequest, UpstreamError
@@ -40,28 +49,65 @@ def upstream_error(variant_id: str, status: int, content: bytes) -> GatewayError
     return UpstreamError(status, message, param=param)
 
 
+class UpstreamBroken(Exception):
+    """The engine's stream broke after it started (connection reset, timeout between chunks)."""
+
+
+class UpstreamStream:
+    """An open 200 streaming response from an engine: its raw bytes as they arrive, then close()."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamBroken(type(exc).__name__) from exc
+
+    async def close(self) -> None:
+        """Closing before the end drops the connection, which makes vLLM abort the request."""
+        self._response.close()
+
+
+def build_upstream_session(connect_timeout_s: float, read_timeout_s: float, max_connections: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30.0, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
+    # trust_env=False (the default): a proxy configured for the host must not capture engine traffic.
+    return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
+                                 json_serialize=json.dumps)  # fmt: skip
+
+
 class EngineClient:
-    def __init__(self, http: httpx.AsyncClient) -> None:
-        self._http = http
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
 
     async def post_json(self, variant_id: str, url: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            response = await self._http.post(url, json=body)
-        except httpx.HTTPError as exc:
+            async with self._session.post(url, json=body) as response:
+                content = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise EngineUnavailable(f"engine for {variant_id} unreachable: {type(exc).__name__}") from exc
-        if response.status_code != 200:
-            raise upstream_error(variant_id, response.status_code, response.content)
-        return response.json()
+        if status != 200:
+            raise upstream_error(variant_id, status, content)
+        return json.loads(content)
 
-    async def open_stream(self, variant_id: str, url: str, body: dict[str, Any]) -> httpx.Response:
-        """Send a streaming request; returns the open 200 response (caller must aclose it)."""
-        request = self._http.build_request("POST", url, json=body)
+    async def open_stream(self, variant_id: str, url: str, body: dict[str, Any]) -> UpstreamStream:
+        """Send a streaming request; returns the open 200 stream (the caller must close it)."""
         try:
-            response = await self._http.send(request, stream=True)
-        except httpx.HTTPError as exc:
+            response = await self._session.post(url, json=body)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise EngineUnavailable(f"engine for {variant_id} unreachable: {type(exc).__name__}") from exc
-        if response.status_code != 200:
-            content = await response.aread()
-            await response.aclose()
-            raise upstream_error(variant_id, response.status_code, content)
-        return response
+        if response.status != 200:
+            try:
+                content = await response.read()
+            except (aiohttp.ClientError, TimeoutError):
+                content = b""
+            response.release()
+            raise upstream_error(variant_id, response.status, content)
+        return UpstreamStream(response)
+
+    async def aclose(self) -> None:
+        await self._session.close()
