@@ -1,6 +1,6 @@
 """Variants side by side: size, perplexity as served, time to make, throughput.
 
-    python -m loadtests.variants_bench [--profile full|fast] [--methods int8 int4-gptq awq]
+    python -m loadtests.variants_bench [--profile full|fast] [--methods int8 int4-gptq awq] [--reuse]
 
 Compresses each method (reusing finished variants), serves each variant with its own vLLM engine,
 measures perplexity on the profile's evaluation windows through prompt_logprobs, a greedy sanity
@@ -111,9 +111,13 @@ async def main_async(args: argparse.Namespace) -> None:
     print(render(result), flush=True)
     for method in args.methods:
         out = settings.home / "variants" / f"{method}-{args.profile}"
-        manifest = await run_compression(CompressionJob(method, base, out, profile=args.profile),
-                                         settings.logs_dir / f"compress-{method}-{args.profile}.log",
-                                         timeout_s=args.timeout_s)
+        finished = out / "quantgate-variant.json"
+        if args.reuse and finished.is_file():  # made earlier (e.g. by the registry): measured, not remade
+            manifest = json.loads(finished.read_text())
+        else:
+            manifest = await run_compression(CompressionJob(method, base, out, profile=args.profile),
+                                             settings.logs_dir / f"compress-{method}-{args.profile}.log",
+                                             timeout_s=args.timeout_s)  # fmt: skip
         model_dir = Path(manifest["model_path"]) if manifest["on_load"] else out
         row = await measure(settings, f"smollm2-135m@{method}", model_dir, tuple(manifest["engine_args"]), windows)
         size = manifest["size_bytes"] or checkpoint_bytes(base)
@@ -129,6 +133,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["int8", "int4-gptq", "awq"])
     parser.add_argument("--home", type=Path, default=REPO / ".cache" / "bench-home")
     parser.add_argument("--timeout-s", type=float, default=4 * 3600)
+    parser.add_argument("--reuse", action="store_true",
+                        help="measure a finished variant already in <home>/variants/<method>-<profile> (e.g. copied "
+                             "from a registry's artifacts/) instead of compressing; its manifest's time to make is kept")
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
     asyncio.run(main_async(parser.parse_args()))
 
