@@ -30,7 +30,6 @@ import itertools
 import json
 import os
 import platform
-import signal
 import statistics
 import sys
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 import httpx
 
 from loadtests import harness
-from loadtests.local import bench_home, start, wait_built
+from loadtests.local import local_gateway
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("always-base", "always-fastest", "round-robin", "router")
@@ -234,13 +233,8 @@ def main() -> None:
     if args.gateway:
         write(run(args, args.gateway.rstrip("/")), args.out)
         return
-    home = bench_home("bench")
-    port = 18900 + os.getpid() % 90
-    proc = start(home, port, args.variants)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with local_gateway("bench", 18900 + os.getpid() % 90, args.variants) as (url, _):
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
-            wait_built(http, proc, 3600)
             deadline = time.monotonic() + 300  # every ready variant profiled and served
             while time.monotonic() < deadline:
                 view = http.get(f"/admin/routing/{args.model}").json()["variants"]
@@ -248,9 +242,6 @@ def main() -> None:
                     break
                 time.sleep(2)
         write(run(args, url), args.out)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
 
 
 if __name__ == "__main__":

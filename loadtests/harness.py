@@ -184,14 +184,16 @@ async def closed_loop(url: str, requests: Sequence[TraceRequest], concurrency: i
                       duration_s: float | None = None, headers: dict[str, str] | None = None) -> list[Result]:  # fmt: skip
     """`concurrency` users, each sending its next request as soon as the last one is answered, until
     the trace (cycled) runs out or `duration_s` passes."""
-    queue = list(requests)
+    queue = iter(requests)  # shared by the users: each takes the next request
     results: list[Result] = []
     async with client() as http:
         t0 = time.perf_counter()
 
         async def user() -> None:
-            while queue and (duration_s is None or time.perf_counter() - t0 < duration_s):
-                results.append(await send(http, url, model, queue.pop(0), scenario, t0, headers))
+            for request in queue:
+                results.append(await send(http, url, model, request, scenario, t0, headers))
+                if duration_s is not None and time.perf_counter() - t0 >= duration_s:
+                    return
 
         await asyncio.gather(*(user() for _ in range(concurrency)))
     return results

@@ -3,11 +3,14 @@ content-addressed stores (converted checkpoints and built variants are reused), 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -26,9 +29,9 @@ def bench_home(name: str) -> Path:
     return home
 
 
-def start(home: Path, port: int, variants: str) -> subprocess.Popen:
+def start(home: Path, port: int, variants: str, **extra_env: str) -> subprocess.Popen:
     env = {**os.environ, "QUANTGATE_HOME": str(home), "QUANTGATE_PORT": str(port), "QUANTGATE_REGISTRY_PROFILE": "fast",
-           "QUANTGATE_DEFAULT_VARIANTS": variants, "QUANTGATE_MAX_PPL_DELTA": "1.0"}  # fmt: skip
+           "QUANTGATE_DEFAULT_VARIANTS": variants, "QUANTGATE_MAX_PPL_DELTA": "1.0", **extra_env}  # fmt: skip
     log = open(home / "serve.log", "ab")  # noqa: SIM115 - lives as long as the gateway
     return subprocess.Popen([sys.executable, "-m", "server", "serve"], stdout=log, stderr=subprocess.STDOUT,
                             env=env, cwd=REPO, start_new_session=True)  # fmt: skip
@@ -46,3 +49,31 @@ def wait_built(http: httpx.Client, proc: subprocess.Popen, timeout_s: float) -> 
             pass
         time.sleep(3)
     raise SystemExit(f"variants not built in {timeout_s:.0f} s; see the gateway's serve.log")
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float) -> None:
+    """Until GET /ready is 200 (every configured model has a serving variant)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"gateway at {url} not ready in {timeout_s:.0f} s; see its serve.log")
+
+
+@contextlib.contextmanager
+def local_gateway(name: str, port: int, variants: str) -> Iterator[tuple[str, list[dict]]]:
+    """`quantgate serve` with the bundled model and `variants` in bench_home(name): yields its URL and
+    its built variants once every one is ready, rejected or failed; stopped on exit."""
+    proc = start(bench_home(name), port, variants)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
+            built = wait_built(http, proc, 3600)
+        yield url, built
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)

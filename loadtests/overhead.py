@@ -26,7 +26,6 @@ import datetime as dt
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtests import harness
-from loadtests.local import bench_home, start, wait_built
+from loadtests.local import bench_home, local_gateway, start, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = harness.TraceSpec(requests=4096, seed=7, prompt_median=24, prompt_max=64, output_median=16, output_max=16,
@@ -119,26 +118,13 @@ def fake_throughput(seconds: float, concurrency: int) -> list[dict]:
     fake = subprocess.Popen([sys.executable, "-m", "tests.fakes.fake_engine", "--model", "fake@bf16",
                              f"--port={fake_port}", "--ttft-ms=0", "--tpot-ms=0", "--max-running=100000"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    home = REPO / ".cache" / "bench-home" / "overhead-fake"
-    shutil.rmtree(home, ignore_errors=True)
-    home.mkdir(parents=True)
-    env = {**os.environ, "QUANTGATE_HOME": str(home), "QUANTGATE_PORT": str(port), "QUANTGATE_EMBEDDED_MODEL": "false",
-           "QUANTGATE_LOG_LEVEL": "warning",
-           "QUANTGATE_REMOTE_ENGINES": json.dumps({"fake@bf16": {"url": f"http://127.0.0.1:{fake_port}", "method": "base"}})}  # fmt: skip
-    with open(home / "serve.log", "wb") as log:
-        gateway = subprocess.Popen([sys.executable, "-m", "server", "serve"], env=env, cwd=REPO, start_new_session=True,
-                                   stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    remote = {"fake@bf16": {"url": f"http://127.0.0.1:{fake_port}", "method": "base"}}
+    gateway = start(bench_home("overhead-fake"), port, "", QUANTGATE_EMBEDDED_MODEL="false",
+                    QUANTGATE_LOG_LEVEL="warning", QUANTGATE_REMOTE_ENGINES=json.dumps(remote))  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     rows = []
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ready(url, gateway, 120)
         time.sleep(3)  # the profiling run of the fake is done in well under that
         process = psutil.Process(gateway.pid)
         for stream in (True, False):
@@ -208,6 +194,17 @@ def render(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _latency_against(url: str, args: argparse.Namespace) -> list[dict]:
+    """Direct to the model's first ready engine (GET /admin/engines) vs through the gateway at `url`."""
+    with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
+        engines = [e for e in http.get("/admin/engines").json()["engines"] if e["state"] == "ready"
+                   and e["variant_id"].split("@")[0] == args.model]  # fmt: skip
+    base = min(engines, key=lambda e: e["variant_id"])
+    print(f"direct: {base['variant_id']} at {base['base_url']}", flush=True)
+    return latency_overhead(url, args.model, base["base_url"], base["variant_id"], args.concurrency,
+                            args.per_round, args.rounds, {})  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gateway")
@@ -221,27 +218,11 @@ def main() -> None:
     p.add_argument("--fake-concurrency", type=int, default=64)
     p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
     args = p.parse_args()
-    proc = None
-    url = args.gateway
-    if url is None:
-        home = bench_home("overhead")
-        port = 18990 + os.getpid() % 9
-        proc = start(home, port, "")
-        url = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
-            if proc is not None:
-                wait_built(http, proc, 1800)
-            engines = [e for e in http.get("/admin/engines").json()["engines"] if e["state"] == "ready"
-                       and e["variant_id"].split("@")[0] == args.model]  # fmt: skip
-        base = min(engines, key=lambda e: e["variant_id"])
-        print(f"direct: {base['variant_id']} at {base['base_url']}", flush=True)
-        latency = latency_overhead(url, args.model, base["base_url"], base["variant_id"], args.concurrency,
-                                   args.per_round, args.rounds, {})  # fmt: skip
-    finally:
-        if proc is not None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=120)
+    if args.gateway:
+        latency = _latency_against(args.gateway.rstrip("/"), args)
+    else:
+        with local_gateway("overhead", 18990 + os.getpid() % 9, "") as (url, _):
+            latency = _latency_against(url, args)
     fake = [] if args.skip_fake else fake_throughput(args.fake_seconds, args.fake_concurrency)
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "label": args.label,
               "command": "python -m loadtests.overhead " + " ".join(sys.argv[1:]),

@@ -21,7 +21,6 @@ import datetime as dt
 import json
 import os
 import random
-import signal
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from loadtests.local import REPO, bench_home, start, wait_built
+from loadtests.local import REPO, local_gateway
 
 QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Explain what a CPU does.",
              "Write a haiku about the sea.", "What is 12 times 12?", "Give a tip for learning to code."]  # fmt: skip
@@ -124,14 +123,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
     args = parser.parse_args()
-    home = bench_home("router")
-    port = 18500 + os.getpid() % 400
-    proc = start(home, port, args.variants)
-    url = f"http://127.0.0.1:{port}"
-    try:
+    with local_gateway("router", 18500 + os.getpid() % 400, args.variants) as (url, built):
+        variants = [v for v in built if v["state"] == "ready"]
+        ppl = {v["id"]: v["ppl"] for v in variants}
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
-            variants = [v for v in wait_built(http, proc, 3600) if v["state"] == "ready"]
-            ppl = {v["id"]: v["ppl"] for v in variants}
             requests = trace(args.requests, args.rate, args.seed)
             budgets(http, requests)
         runs = []
@@ -145,9 +140,6 @@ def main() -> None:
         keep = ("id", "method", "ppl", "ppl_delta", "size_bytes", "latency")
         report(args.out, config, [{k: v.get(k) for k in keep} for v in variants],
                [{k: v for k, v in r.items()} for r in runs])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
 
 
 if __name__ == "__main__":

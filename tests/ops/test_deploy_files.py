@@ -4,24 +4,16 @@ points at files that exist, and the dashboard JSON is what its generator writes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import yaml
 
-from tests.ops.conftest import REPO, run, tool
+from tests.ops.conftest import REPO, load_script, run, tool
 
 DEPLOY = REPO / "deploy"
 RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
-
-
-def _load(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_promtool_checks_the_config(promtool: str, tmp_path: Path) -> None:
@@ -102,7 +94,7 @@ def test_compose_mounts_and_builds_files_that_exist() -> None:
 
 
 def test_dashboard_json_is_what_its_generator_writes() -> None:
-    module = _load(DEPLOY / "grafana" / "dashboard.py")
+    module = load_script(DEPLOY / "grafana" / "dashboard.py")
     committed = json.loads((DEPLOY / "grafana" / "dashboards" / "quantgate.json").read_text())
     assert committed == module.dashboard(), "run `python deploy/grafana/dashboard.py`"
     titles = [p["title"] for p in committed["panels"] if p["type"] != "row"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.ops.conftest import OVERLAYS, REPO, run, tool
+from tests.ops.conftest import OVERLAYS, REPO, load_script, run, tool
 
 K8S_VERSION = "1.33.0"
 CRD_SCHEMAS = {
@@ -166,10 +166,6 @@ def test_gateway_has_pdb_hpa_monitoring_and_registry_storage(rendered, overlay: 
 
 
 def test_prometheusrule_is_generated_from_the_rule_files() -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sync_k8s", REPO / "deploy" / "prometheus" / "sync_k8s.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(REPO / "deploy" / "prometheus" / "sync_k8s.py")
     committed = (REPO / "k8s" / "base" / "prometheusrule.yaml").read_text()
     assert committed == module.render(), "run `python deploy/prometheus/sync_k8s.py`"
