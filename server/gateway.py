@@ -214,8 +214,13 @@ class Gateway:
         return JSONResponse(data, headers=headers)
 
     async def _stream(self, call: Call, url: str, body: dict[str, Any], headers: dict[str, str]) -> Response:
-        upstream = await self.engines.open_stream(call.variant.id, url, body)
+        # In flight from the moment it is sent: a burst routed before the engine answers must see it.
         self._enter(call.variant.id)
+        try:
+            upstream = await self.engines.open_stream(call.variant.id, url, body)
+        except BaseException:
+            self._leave(call.variant.id)
+            raise
 
         def on_close(timing: StreamTiming) -> None:
             self._leave(call.variant.id)

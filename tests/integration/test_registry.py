@@ -9,8 +9,11 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -103,30 +106,71 @@ def test_models_add_builds_measures_and_serves_every_variant(registry_gateway: G
         assert variant["latency"]["step_ms"] and variant["latency"]["prefill_fixed_ms"] > 0
 
 
+BASE = "smol@bf16"
+BUSY_STREAMS = 64
+
+
+@contextmanager
+def _busy(gateway: GatewayProcess, variant_id: str, streams: int) -> Iterator[None]:
+    """Hold `streams` long streamed completions open on one variant (pinned, through the gateway)."""
+    http = httpx.Client(base_url=gateway.url, timeout=300, headers={"Authorization": f"Bearer {API_KEY}"},
+                        limits=httpx.Limits(max_connections=streams + 4))  # fmt: skip
+    body = {"model": variant_id, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+
+    def open_one(_: int) -> httpx.Response:
+        response = http.send(http.build_request("POST", "/v1/completions", json=body), stream=True)
+        assert response.status_code == 200, response.read()
+        return response
+
+    responses: list[httpx.Response] = []
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            responses.extend(pool.map(open_one, range(streams)))
+        yield
+    finally:
+        for response in responses:
+            response.close()  # the gateway closes upstream: vLLM aborts them
+        http.close()
+
+
+def _predictions(gateway: GatewayProcess) -> tuple[dict[str, float], dict[str, dict]]:
+    # 12 prompt tokens as the gateway estimates FRANCE, 24 out.
+    view = admin(gateway, "GET", "/admin/routing/smol", params={"prompt_tokens": 12, "output_tokens": 24}).json()
+    return ({r["variant"]: r["predicted"]["e2e_ms"] for r in view["variants"]},
+            {r["variant"]: r["load"] for r in view["variants"]})  # fmt: skip
+
+
+def _ask(client: openai.OpenAI, budget_ms: float) -> tuple[str, dict[str, str]]:
+    raw = client.chat.completions.with_raw_response.create(
+        model="smol", messages=FRANCE, temperature=0, max_tokens=24,
+        extra_headers={"x-latency-budget-ms": f"{budget_ms:.0f}"})  # fmt: skip
+    completion = raw.parse()
+    assert "Paris" in completion.choices[0].message.content, (budget_ms, completion)
+    return completion.model, dict(raw.headers)
+
+
 def test_tight_and_loose_budgets_land_on_different_real_variants(registry_gateway: GatewayProcess) -> None:
-    # What the router predicts now for this request (12 prompt tokens as estimated, 24 out).
-    view = admin(registry_gateway, "GET", "/admin/routing/smol", params={"prompt_tokens": 12, "output_tokens": 24})
-    predicted = {r["variant"]: r["predicted"]["e2e_ms"] for r in view.json()["variants"]}
-    fastest = min(predicted, key=predicted.get)
-    # On these CPUs W8A8 int8 decodes faster than bf16 (FACTS.md; loadtests/results): the router
-    # must have measured that, not assumed it from bit widths.
-    assert fastest != "smol@bf16", f"the base is predicted fastest: {predicted}"
+    """Which variant is fastest on an idle 2-core CPU is within the profiler's noise (int8 W8A8
+    measured 0.8-1.3x the base's speed across runs), so the test makes the difference real: the
+    base's engine is kept busy. The router must see that load (its own in-flight count and the
+    engine's scraped queue) and send a tight budget elsewhere, while a loose one stays on the base."""
     client = openai.OpenAI(base_url=f"{registry_gateway.url}/v1", api_key=API_KEY, max_retries=0)
-    served = {}
-    # Tight first, just above the fastest prediction: every answer corrects the predictor online,
-    # and the variants' predictions are within ~20 % of each other here.
-    tight = min(predicted[fastest] * 1.03, (predicted[fastest] + predicted["smol@bf16"]) / 2)
-    for name, budget in (("tight", tight), ("loose", 20 * max(predicted.values()))):
-        raw = client.chat.completions.with_raw_response.create(
-            model="smol", messages=FRANCE, temperature=0, max_tokens=24,
-            extra_headers={"x-latency-budget-ms": f"{budget:.0f}"})  # fmt: skip
-        completion = raw.parse()
-        assert raw.headers["x-quantgate-budget"] == "met-predicted", (name, dict(raw.headers), predicted)
-        assert int(raw.headers["x-quantgate-predicted-ms"]) <= budget + 1
-        assert "Paris" in completion.choices[0].message.content, (name, completion)
-        served[name] = completion.model
-    assert served["loose"] == "smol@bf16"
-    assert served["tight"] != "smol@bf16", (served, predicted)
+    idle, _ = _predictions(registry_gateway)
+    served, headers = _ask(client, 20 * max(idle.values()))
+    assert served == BASE, (headers, idle)
+    assert headers["x-quantgate-budget"] == "met-predicted"
+
+    with _busy(registry_gateway, BASE, BUSY_STREAMS):
+        assert wait_for(lambda: _predictions(registry_gateway)[1][BASE]["in_flight"] >= BUSY_STREAMS, 30)
+        predicted, load = _predictions(registry_gateway)
+        fastest = min((v for v in predicted if v != BASE), key=predicted.get)
+        assert predicted[fastest] < predicted[BASE], f"the busy base is still predicted fastest: {predicted} {load}"
+        tight = (predicted[fastest] + predicted[BASE]) / 2
+        served, headers = _ask(client, tight)
+    assert served != BASE, (headers, predicted, load)
+    assert headers["x-quantgate-budget"] == "met-predicted", (headers, predicted)
+    assert int(headers["x-quantgate-predicted-ms"]) <= tight + 1
 
 
 def test_models_rm_stops_engines_and_reuses_artifacts(registry_gateway: GatewayProcess) -> None:
