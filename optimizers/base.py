@@ -87,3 +87,4 @@ class Artifact:
     model_path: Path
     engine_args: tuple[str, ...] = ()
     on_load: bool = False
+    calibration_samples: int | None = None  # windows the method used, when fewer than it was given

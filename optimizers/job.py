@@ -71,7 +71,7 @@ def run_job(config: MethodConfig, source: Path, out: Path, profile: str, device:
             "job_key": key,
             "calibration_version": CALIBRATION_VERSION if config.needs_calibration else None,
             "profile": profile if config.needs_calibration else None,
-            "calibration_samples": len(calibration),
+            "calibration_samples": artifact.calibration_samples or len(calibration),
             "source": str(source),
             "seconds_to_make": round(seconds, 1),
             "on_load": artifact.on_load,

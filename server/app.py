@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -27,6 +28,8 @@ from server.settings import Settings
 from server.telemetry.engine_load import EngineLoadScraper
 
 logger = logging.getLogger(__name__)
+
+GC_GEN0_THRESHOLD = 50_000  # CPython's default is 700
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -59,6 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
                                    name="bootstrap")
         boot.add_done_callback(_log_bootstrap_failure)
         scraper = asyncio.create_task(load.run(), name="engine-load")
+        _tune_gc()
         try:
             yield
         finally:
@@ -77,6 +81,18 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(ops_routes.router)
     app.include_router(admin_routes.router)
     return app
+
+
+def _tune_gc() -> None:
+    """Keep the cyclic garbage collector off the request path. Everything built at start-up lives
+    as long as the process: frozen, later collections stop re-scanning it. A request allocates a
+    few hundred containers, almost all freed by reference counting, so a larger first generation
+    runs collections ~70x less often (py-spy: gc_collect_main was ~8 % of the gateway's samples
+    under streaming load before this)."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
 
 
 def _log_bootstrap_failure(task: asyncio.Task[None]) -> None:

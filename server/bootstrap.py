@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from server.catalog import Catalog, Variant, split_model_name
-from server.engines.hardware import Hardware
+from server.engines.hardware import Hardware, engine_dtype
 from server.engines.local import LocalEngineConfig
 from server.engines.remote import RemoteEngine
 from server.engines.supervisor import EngineSupervisor
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 def local_engine_config(settings: Settings, hardware: Hardware, variant_id: str, model_path: Path,
                         extra_args: tuple[str, ...] = ()) -> LocalEngineConfig:
-    dtype = hardware.best_dtype if settings.engine_dtype == "auto" else settings.engine_dtype
+    dtype = engine_dtype(hardware, settings.engine_dtype, model_path, variant_id)
     return LocalEngineConfig(
         variant_id=variant_id,
         model_path=model_path,

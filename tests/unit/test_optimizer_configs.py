@@ -99,3 +99,18 @@ def test_split_is_disjoint_and_fixed() -> None:
 def test_split_refuses_overlap() -> None:
     with pytest.raises(ValueError, match="needs 65536 calibration"):
         split(list(range(50_000)), PROFILES["full"])
+
+
+@pytest.mark.parametrize(("offered", "wanted", "chat", "expected"), [
+    (128, 32, False, list(range(0, 128, 4))),   # the full profile: 32 prose windows, spread
+    (16, 32, False, list(range(0, 16, 2))),     # the fast profile: every prose window
+    (128, 32, True, [0, 1, 8, 9, 16, 17, 24, 25, 32, 33, 40, 41, 48, 49, 56, 57, 64, 65, 72, 73, 80, 81, 88, 89,
+                     96, 97, 104, 105, 112, 113, 120, 121]),  # prose and chat in pairs
+    (16, 32, True, list(range(16))),
+    (10, 3, True, [0, 1, 4]),
+    (8, None, True, list(range(8))),
+])  # fmt: skip
+def test_awq_calibration_subset_is_spread(offered: int, wanted: int | None, chat: bool, expected: list[int]) -> None:
+    from optimizers.awq import spread
+
+    assert [w[0] for w in spread([[i] for i in range(offered)], wanted, chat)] == expected
