@@ -35,21 +35,23 @@ class AwqConfig(MethodConfig):
         resolve_group_size(self.group_size, model, self.method)
 
 
+def _evenly(items: list, n: int) -> list:
+    """`n` of `items`, evenly spaced from the first (all of them when there are no more)."""
+    if n >= len(items):
+        return items
+    return [items[int(k * len(items) / n)] for k in range(n)]
+
+
 def spread(windows: list[list[int]], n: int | None, chat: bool = True) -> list[list[int]]:
     """`n` of `windows`, evenly spread. The calibration set alternates prose and chat-formatted
     windows: with `chat` the subset takes them in consecutive pairs (both kinds), else prose only."""
     if not chat:
-        windows = windows[::2]
-        if n is None or n >= len(windows):
-            return windows
-        step = len(windows) / n
-        return [windows[int(k * step)] for k in range(n)]
-    if n is None or n >= len(windows):
+        prose = windows[::2]
+        return prose if n is None else _evenly(prose, n)
+    if n is None:
         return windows
     pairs = [windows[i : i + 2] for i in range(0, len(windows), 2)]
-    step = len(pairs) / ((n + 1) // 2)
-    chosen = [w for k in range((n + 1) // 2) for w in pairs[int(k * step)]]
-    return chosen[:n]
+    return [w for pair in _evenly(pairs, (n + 1) // 2) for w in pair][:n]
 
 
 def quantize(config: AwqConfig, source: Path, out: Path, calibration: list[list[int]]) -> Artifact:
