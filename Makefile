@@ -12,7 +12,7 @@ CSTAMP := $(CVENV)/.installed-$(ENGINE)-$(HASH)
 # CPU machines: the local CPU build of torch; asking for plain torch would pull several GB of CUDA.
 TORCH := $(if $(filter cpu,$(ENGINE)),torch==2.13.0+cpu,torch)
 
-.PHONY: install tools serve test test-fast bench bench-skeleton bench-variants
+.PHONY: install tools serve test test-full test-fast bench bench-skeleton bench-variants
 
 # Prometheus and promtool from Debian's `prometheus` package, unpacked under .cache/tools (the tests
 # check the rules and config with promtool and run a real Prometheus against a real gateway).
@@ -56,12 +56,19 @@ tools: $(PROMETHEUS)
 serve: install
 	$(VENV)/bin/quantgate serve
 
+# The suite every change runs (CI): every unit, contract and ops test, and each real path once on
+# a tiny checkpoint or one shared engine of the bundled model.
 test: install tools
+	$(VENV)/bin/python -m pytest -m "not full"
+
+# Everything: also every default rung of the bundled model built (fast profile) and served, and the
+# slow drills. Run it before resolving an issue that touches optimizers/ or the registry.
+test-full: install tools
 	$(VENV)/bin/python -m pytest
 
-# Unit tests only: no engine is started.
+# The inner loop: no engine is started.
 test-fast: install tools
-	$(VENV)/bin/python -m pytest -m "not engine"
+	$(VENV)/bin/python -m pytest -m "not engine and not full"
 
 # The CPU-sized load tests (~20 min on 2 cores): router vs single variants across loads, then the
 # gateway's overhead vs the engine directly and its proxied throughput over a FakeEngine.

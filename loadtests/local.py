@@ -3,6 +3,7 @@ content-addressed stores (converted checkpoints and built variants are reused), 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -10,13 +11,37 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
 
+from server.engines.local import LocalEngine, LocalEngineConfig
+from server.settings import Settings
+
 REPO = Path(__file__).resolve().parents[1]
 STORES = REPO / ".cache" / "test-home"
+
+
+@contextlib.asynccontextmanager
+async def local_engine(settings: Settings, variant_id: str, model_dir: Path, engine_args: tuple[str, ...] = ()
+                       ) -> AsyncIterator[tuple[LocalEngine, LocalEngineConfig]]:
+    """One variant's vLLM engine, started with the gateway's own config and waited for; stopped on exit."""
+    from server.bootstrap import local_engine_config
+    from server.engines.base import EngineState
+    from server.engines.hardware import detect
+
+    config = local_engine_config(settings, detect(settings.engine_device), variant_id, model_dir, engine_args)
+    engine = LocalEngine(config)
+    await engine.start()
+    try:
+        while engine.status().state is not EngineState.READY:
+            if engine.status().state is EngineState.FAILED:
+                raise RuntimeError(f"{variant_id} failed to start; see {engine.log_path}")
+            await asyncio.sleep(1)
+        yield engine, config
+    finally:
+        await engine.stop()
 
 
 def bench_home(name: str) -> Path:
@@ -43,7 +68,7 @@ def wait_built(http: httpx.Client, proc: subprocess.Popen, timeout_s: float) -> 
         try:
             models = http.get("/admin/models").json()["models"]
             variants = [v for m in models for v in m["variants"]]
-            if variants and all(v["state"] in ("ready", "rejected", "failed") for v in variants):
+            if variants and all(v["state"] in ("ready", "rejected", "failed", "unsupported") for v in variants):
                 return variants
         except (httpx.HTTPError, KeyError, ValueError):
             pass

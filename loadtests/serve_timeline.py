@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-TERMINAL = {"ready", "rejected", "failed"}
+TERMINAL = {"ready", "rejected", "failed", "unsupported"}
 
 
 def main() -> None:

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import httpx
 
+from loadtests.local import local_engine
 from optimizers.data import PROFILES, tokenized_split
 from optimizers.evaluate import perplexity, sanity_answer, throughput
 from optimizers.job import checkpoint_bytes
 from server.bootstrap import local_engine_config
-from server.engines.base import EngineState
 from server.engines.hardware import detect
-from server.engines.local import LocalEngine
 from server.jobs.compress import CompressionJob, run_compression
 from server.models.embedded import ensure_checkpoint, find_bundled_gguf
 from server.settings import Settings
@@ -39,14 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 async def measure(settings: Settings, variant_id: str, model_dir: Path, engine_args: tuple[str, ...],
                   windows: list[list[int]]) -> dict:
     hardware = detect(settings.engine_device)
-    engine = LocalEngine(local_engine_config(settings, hardware, variant_id, model_dir, engine_args))
     started = time.monotonic()
-    await engine.start()
-    try:
-        while engine.status().state is not EngineState.READY:
-            if engine.status().state is EngineState.FAILED:
-                raise RuntimeError(f"{variant_id} failed to start; see {engine.log_path}")
-            await asyncio.sleep(1)
+    async with local_engine(settings, variant_id, model_dir, engine_args) as (engine, _):
         startup_s = time.monotonic() - started
         async with httpx.AsyncClient(timeout=3600) as http:
             t0 = time.monotonic()
@@ -55,8 +48,6 @@ async def measure(settings: Settings, variant_id: str, model_dir: Path, engine_a
             answer = await sanity_answer(http, engine.base_url, variant_id)
             tps1 = await throughput(http, engine.base_url, variant_id, 1)
             tps32 = await throughput(http, engine.base_url, variant_id, 32)
-    finally:
-        await engine.stop()
     return {"variant": variant_id, "ppl": round(ppl.ppl, 4), "scored_tokens": ppl.scored_tokens,
             "answer": answer, "tok_s_1": round(tps1, 1), "tok_s_32": round(tps32, 1),
             "engine_startup_s": round(startup_s, 1), "eval_s": round(eval_s, 1),

@@ -18,6 +18,7 @@ from optimizers.groups import resolve_group_size
 class AwqConfig(MethodConfig):
     method = "awq"
     bits = 4
+    kernel = "w4a16"  # server/engines/probe.py: the engine GEMM it needs
     group_size: int | None = Field(None, ge=8, le=1024, description="None: 128 where it divides, else 64, 32")
     symmetric: bool = False
     duo_scaling: bool = True

@@ -65,6 +65,7 @@ class MethodConfig(BaseModel):
     method: ClassVar[str]
     bits: ClassVar[int]
     needs_calibration: ClassVar[bool] = True
+    kernel: ClassVar[str | None] = None  # the engine GEMM it needs, if the host may lack it
     version: int = 1
 
     def check(self, model: ModelInfo, device: Device) -> None:

@@ -15,6 +15,7 @@ from optimizers.groups import resolve_group_size
 class Int4GptqConfig(MethodConfig):
     method = "int4-gptq"
     bits = 4
+    kernel = "w4a16"  # server/engines/probe.py: the engine GEMM it needs
     group_size: int | None = Field(None, ge=8, le=1024, description="None: 128 where it divides, else 64, 32")
     symmetric: bool = True
     # "static" act-order: columns processed by activation magnitude, groups kept contiguous

@@ -13,6 +13,7 @@ from optimizers.base import Artifact, MethodConfig
 class Int8Config(MethodConfig):
     method = "int8"
     bits = 8
+    kernel = "w8a8"  # server/engines/probe.py: the engine GEMM it needs
     smoothing_strength: float = Field(0.8, ge=0.0, le=1.0)
     dampening_frac: float = Field(0.01, gt=0.0, lt=1.0)
 

@@ -16,6 +16,7 @@ from server.bootstrap import Bootstrap, local_engine_config
 from server.catalog import Catalog
 from server.engines.client import EngineClient, build_http_client, build_upstream_session
 from server.engines.hardware import detect
+from server.engines.probe import probe as probe_kernels
 from server.engines.supervisor import EngineSupervisor
 from server.errors import install_error_handlers
 from server.gateway import Gateway
@@ -50,8 +51,12 @@ def create_app(settings: Settings) -> FastAPI:
             remote_engines=dict(settings.remote_engines), book=book,
             profile=settings.registry_profile, compress_timeout_s=settings.compress_timeout_s,
             compress_python=settings.compress_python, engine_ready_timeout_s=settings.engine_start_timeout_s,
+            chat_gate=settings.chat_gate,
         )  # fmt: skip
-        service = ModelService(settings, registry, builder, catalog, supervisor, hardware.device)
+        kernels = await asyncio.to_thread(probe_kernels, hardware.device, settings.cache_dir)
+        logger.info("engine kernels here: %s (%s, %s)", kernels.kernels, kernels.library or hardware.device,
+                    kernels.source)
+        service = ModelService(settings, registry, builder, catalog, supervisor, hardware.device, kernels)
         metrics = GatewayMetrics(supervisor.statuses, load.all, catalog, registry)
         upstream = EngineClient(build_upstream_session(settings.upstream_connect_timeout_s,
                                                        settings.upstream_read_timeout_s,

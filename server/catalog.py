@@ -24,6 +24,7 @@ class Variant:
     ppl: float | None = None
     ppl_delta: float | None = None  # relative to the base, 0.015 = +1.5 %
     state: str = "ready"  # the registry's state: pending, compressing, evaluating, ready, ...
+    reason: str | None = None  # why it is rejected, failed or unsupported
 
     @property
     def servable(self) -> bool:

@@ -16,7 +16,7 @@ app = typer.Typer(help="Register, list and remove models (talks to a running `qu
 console = Console()
 if not console.is_terminal:  # logs and pipes: don't squeeze the table into 80 columns
     console = Console(width=160)
-TERMINAL = {"ready", "rejected", "failed"}
+TERMINAL = {"ready", "rejected", "failed", "unsupported"}
 
 
 def _client(url: str | None) -> httpx.Client:
@@ -52,7 +52,7 @@ def variants_table(models: list[dict]) -> Table:
         for v in model["variants"]:
             size = None if v["size_bytes"] is None else v["size_bytes"] / 1e6
             delta = "-" if v["ppl_delta"] is None else f"{100 * v['ppl_delta']:+.1f}%"
-            color = {"ready": "green", "failed": "red", "rejected": "yellow"}.get(v["state"], "cyan")
+            color = {"ready": "green", "failed": "red", "rejected": "yellow", "unsupported": "magenta"}.get(v["state"], "cyan")
             table.add_row(v["id"], v["method"], str(v["bits"]), f"[{color}]{v['state']}[/{color}]",
                           _fmt(size, ".0f"), _fmt(v["ppl"], ".3f"), delta,
                           _fmt(v["seconds_to_make"], ".0f"), (v["reason"] or "")[:60])  # fmt: skip

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from optimizers.chat_quality import ChatGate
 from server.routing.config import RoutingConfig
 
 MIN_KEY_LENGTH = 16
@@ -65,6 +66,7 @@ class Settings(BaseSettings):
     default_variants: Annotated[tuple[str, ...], NoDecode] = ("int8", "int4-gptq", "awq")
     registry_profile: Literal["full", "fast"] = "full"
     max_ppl_delta: float = Field(0.30, gt=0, le=100, description="quality floor: worse variants are rejected")
+    chat_gate: ChatGate = Field(default_factory=ChatGate, description="chat answers vs the base's (JSON)")
     compress_timeout_s: float = Field(4 * 3600.0, gt=0)
     compress_python: str | None = None  # default: the `.venv-compress` beside this environment
 

@@ -65,7 +65,8 @@ async def engines(gateway: GatewayDep) -> dict:
         row["state"] = status.state.value
         row["metrics_url"] = f"{status.base_url}/metrics"
         rows.append(row)
-    return {"engines": rows}
+    kernels = gateway.models.kernels
+    return {"engines": rows, "host": kernels.as_dict()}
 
 
 @router.get("/routing/{model}")

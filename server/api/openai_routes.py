@@ -45,5 +45,6 @@ async def list_models(gateway: GatewayDep) -> dict:
                 "id": v.id, "object": "model", "created": model.created, "owned_by": "quantgate",
                 "parent": model.name, "method": v.method, "bits": v.bits, "size_bytes": v.size_bytes,
                 "ppl": v.ppl, "ppl_delta": v.ppl_delta, "state": v.state, "ready": v.servable and v.id in serving,
+                **({"reason": v.reason} if v.reason and not v.servable else {}),
             })  # fmt: skip
     return {"object": "list", "data": data}

@@ -3,8 +3,10 @@ evaluation are CPU- or GPU-bound; running them side by side only slows both).
 
 For each variant: compress in the compression environment (skipped for the base and for
 variants served remotely), start its engine, evaluate it *as served* (perplexity through
-prompt_logprobs on the model's fixed evaluation windows, a greedy sanity answer), then apply
-the model's quality gate: ready (served) or rejected (kept, engine stopped).
+prompt_logprobs on the model's fixed evaluation windows; greedy answers to the chat set of
+optimizers/chat_quality.py), then apply the model's quality gate: perplexity within the model's
+floor and chat answers within the gate's margins of the base's own: ready (served) or rejected
+(kept, engine stopped).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import httpx
 
+from optimizers.chat_quality import ChatGate, ChatScore, chat_answers, judge
 from optimizers.data import PROFILES, evaluation_windows
-from optimizers.evaluate import perplexity, sanity_answer
+from optimizers.evaluate import perplexity
 from optimizers.job import checkpoint_bytes
 from optimizers.registry import make_config
 from server.catalog import Catalog, Variant
@@ -45,14 +48,14 @@ class BuildFailed(Exception):
 def catalog_variant(record: VariantRecord) -> Variant:
     return Variant(model=record.model, name=record.name, method=record.method, bits=record.bits,
                    size_bytes=record.size_bytes, ppl=record.ppl, ppl_delta=record.ppl_delta,
-                   state=record.state.value)  # fmt: skip
+                   state=record.state.value, reason=record.reason)  # fmt: skip
 
 
 class VariantBuilder:
     def __init__(self, registry: Registry, catalog: Catalog, supervisor: EngineSupervisor, home: Path,
                  engine_config: EngineFactory, remote_engines: dict[str, RemoteEngineSpec], profile: str,
                  compress_timeout_s: float, book: LatencyBook, compress_python: str | None = None,
-                 engine_ready_timeout_s: float = 900.0) -> None:  # fmt: skip
+                 engine_ready_timeout_s: float = 900.0, chat_gate: ChatGate | None = None) -> None:  # fmt: skip
         self.registry = registry
         self.catalog = catalog
         self.supervisor = supervisor
@@ -64,6 +67,7 @@ class VariantBuilder:
         self.compress_python = compress_python
         self.engine_ready_timeout_s = engine_ready_timeout_s
         self.book = book
+        self.chat_gate = chat_gate or ChatGate()
         self._wake = asyncio.Event()
         self._windows: dict[str, list[list[int]]] = {}
 
@@ -153,22 +157,47 @@ class VariantBuilder:
         windows = await self._eval_windows(model)
         async with httpx.AsyncClient(timeout=3600, trust_env=False) as http:
             ppl = await perplexity(http, engine.base_url, record.id, windows)
-            answer = await sanity_answer(http, engine.base_url, record.id)
+            chat = await chat_answers(http, engine.base_url, record.id)
         base = next((v for v in self.registry.variants(model.name) if v.method == "base"), None)
         delta = 0.0 if record.method == "base" else (ppl.ppl / base.ppl - 1 if base and base.ppl else None)
-        fields = {"ppl": ppl.ppl, "ppl_delta": delta, "sanity": answer}
+        fields = {"ppl": ppl.ppl, "ppl_delta": delta, "sanity": chat.answers[0], "chat": chat.as_dict()}
+        reason = None
         if delta is not None and delta > model.max_ppl_delta:
             reason = f"ppl delta {delta:+.1%} exceeds the model's floor of {model.max_ppl_delta:+.1%}"
+        elif record.method != "base":
+            base_chat = await self._base_chat(base)
+            if base_chat is None:
+                logger.warning("%s: no chat answers of the base to judge against; chat gate skipped", record.id)
+            else:
+                reason = judge(chat, base_chat, self.chat_gate)
+        if reason is not None:
             record = self.registry.transition(record.id, VariantState.REJECTED, reason=reason, **fields)
+            # The catalog learns it before the engine stops, so no request sees a stale state meanwhile.
+            self.catalog.add_variant(catalog_variant(record), int(model.created_at))
             await self.supervisor.remove(record.id)
             logger.warning("variant %s rejected: %s", record.id, reason)
         else:
             # Profiled before it turns ready, while the builder runs nothing else (quiet priors).
             await self.profile_latency(record.id, engine, persist=True)
             record = self.registry.transition(record.id, VariantState.READY, **fields)
-            logger.info("variant %s ready: ppl %.3f (delta %s)", record.id, ppl.ppl,
-                        "n/a" if delta is None else f"{delta:+.1%}")
+            logger.info("variant %s ready: ppl %.3f (delta %s), chat %d/%d right, %d loops", record.id, ppl.ppl,
+                        "n/a" if delta is None else f"{delta:+.1%}", chat.correct, chat.prompts, chat.loops)
         self.catalog.add_variant(catalog_variant(record), int(model.created_at))
+
+    async def _base_chat(self, base: VariantRecord | None) -> ChatScore | None:
+        """The base's chat answers: stored when it was evaluated, else (a registry from before the
+        chat gate) asked of its serving engine now and stored."""
+        if base is None:
+            return None
+        if base.chat:
+            return ChatScore.from_dict(base.chat)
+        engine = self.supervisor.get(base.id)
+        if base.state is not VariantState.READY or engine is None or engine.status().state is not EngineState.READY:
+            return None
+        async with httpx.AsyncClient(timeout=3600, trust_env=False) as http:
+            chat = await chat_answers(http, engine.base_url, base.id)
+        self.registry.set_chat(base.id, chat.as_dict())
+        return chat
 
     async def load_or_profile(self, record: VariantRecord, engine: Engine) -> None:
         """Latency priors for a ready variant at start-up: the stored ones, else profile now."""

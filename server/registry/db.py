@@ -56,6 +56,8 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # Latency priors from the profiling run when a variant becomes ready (JSON, see routing.predictor).
     "ALTER TABLE variants ADD COLUMN latency_json TEXT;",
+    # Greedy answers to the chat set and their score (optimizers/chat_quality.py), as JSON.
+    "ALTER TABLE variants ADD COLUMN chat_json TEXT;",
 )
 
 

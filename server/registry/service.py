@@ -13,6 +13,7 @@ from typing import Any
 from optimizers.base import ModelInfo, OptimizerError
 from optimizers.registry import make_config
 from server.catalog import Catalog
+from server.engines.probe import KernelProbe
 from server.engines.supervisor import EngineSupervisor
 from server.registry.builder import VariantBuilder, catalog_variant
 from server.registry.ingest import IngestError, ingest
@@ -27,13 +28,14 @@ BASE_VARIANT = "bf16"
 
 class ModelService:
     def __init__(self, settings: Settings, registry: Registry, builder: VariantBuilder, catalog: Catalog,
-                 supervisor: EngineSupervisor, device: str) -> None:
+                 supervisor: EngineSupervisor, device: str, kernels: KernelProbe | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.builder = builder
         self.catalog = catalog
         self.supervisor = supervisor
         self.device = device
+        self.kernels = kernels or KernelProbe(device=device, kernels={}, source="none")
 
     async def add(self, path: Path, name: str, methods: tuple[str, ...], max_ppl_delta: float | None = None
                   ) -> ModelRecord:
@@ -55,7 +57,10 @@ class ModelService:
                              max_ppl_delta=s.max_ppl_delta if max_ppl_delta is None else max_ppl_delta,
                              created_at=time.time())  # fmt: skip
         variants = [(BASE_VARIANT, "base", 16, {})] + [(c.method, c.method, c.bits, c.model_dump()) for c in configs]
-        self.registry.add_model(record, variants)
+        unsupported = {c.method: self.kernels.reason(c.kernel) for c in configs if not self.kernels.supports(c.kernel)}
+        for method, reason in unsupported.items():
+            logger.warning("%s@%s not built: %s", name, method, reason)
+        self.registry.add_model(record, variants, unsupported)
         for variant in self.registry.variants(name):
             self.catalog.add_variant(catalog_variant(variant), int(record.created_at))
         logger.info("registered %s (%s) with variants %s", name, source.path, [v[0] for v in variants])

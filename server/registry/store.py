@@ -30,6 +30,7 @@ class VariantState(enum.StrEnum):
     READY = "ready"
     REJECTED = "rejected"  # measured, but below the model's quality floor: kept, not served
     FAILED = "failed"
+    UNSUPPORTED = "unsupported"  # this host's engine lacks the kernel it needs (server/engines/probe.py): not built
 
 
 S = VariantState
@@ -40,6 +41,7 @@ TRANSITIONS: dict[VariantState, frozenset[VariantState]] = {
     S.READY: frozenset({S.PENDING}),
     S.REJECTED: frozenset({S.PENDING}),
     S.FAILED: frozenset({S.PENDING}),
+    S.UNSUPPORTED: frozenset({S.PENDING}),
 }
 INTERRUPTIBLE = (S.COMPRESSING, S.EVALUATING)
 
@@ -95,6 +97,7 @@ class VariantRecord:
     created_at: float
     updated_at: float
     latency: dict[str, Any] | None = None
+    chat: dict[str, Any] | None = None  # optimizers.chat_quality.ChatScore, as a dict
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> VariantRecord:
@@ -104,6 +107,8 @@ class VariantRecord:
         data["state"] = VariantState(data["state"])
         latency = data.pop("latency_json", None)
         data["latency"] = json.loads(latency) if latency else None
+        chat = data.pop("chat_json", None)
+        data["chat"] = json.loads(chat) if chat else None
         return cls(**data)
 
 
@@ -128,8 +133,11 @@ class Registry:
         self._db.close()
 
     # models
-    def add_model(self, record: ModelRecord, variants: list[tuple[str, str, int, dict[str, Any]]]) -> None:
-        """Insert a model and its variants (name, method, bits, config), all pending, atomically."""
+    def add_model(self, record: ModelRecord, variants: list[tuple[str, str, int, dict[str, Any]]],
+                  unsupported: dict[str, str] | None = None) -> None:
+        """Insert a model and its variants (name, method, bits, config) atomically: pending, or
+        `unsupported` with the reason for the names in `unsupported` (never built on this host)."""
+        unsupported = unsupported or {}
         now = time.time()
         try:
             with self._tx():
@@ -138,9 +146,10 @@ class Registry:
                     record.checkpoint_path, record.architecture, record.max_ppl_delta, record.created_at))  # fmt: skip
                 for name, method, bits, config in variants:
                     self._db.execute(
-                        "INSERT INTO variants (id, model, name, method, bits, config_json, state, created_at,"
-                        " updated_at) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                        (f"{record.name}@{name}", record.name, name, method, bits, json.dumps(config), now, now),
+                        "INSERT INTO variants (id, model, name, method, bits, config_json, state, reason,"
+                        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (f"{record.name}@{name}", record.name, name, method, bits, json.dumps(config),
+                         "unsupported" if name in unsupported else "pending", unsupported.get(name), now, now),
                     )
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(f"model {record.name!r} is already registered") from exc
@@ -188,6 +197,8 @@ class Registry:
             raise IllegalTransition(f"{variant_id}: {current.value} -> {new.value} is not allowed")
         if "engine_args" in fields:
             fields["engine_args_json"] = json.dumps(list(fields.pop("engine_args")))
+        if "chat" in fields:
+            fields["chat_json"] = json.dumps(fields.pop("chat"))
         columns = {"state": new.value, "updated_at": time.time(), **fields}
         assignments = ", ".join(f"{name} = ?" for name in columns)
         cursor = self._db.execute(f"UPDATE variants SET {assignments} WHERE id = ? AND state = ?",
@@ -200,6 +211,10 @@ class Registry:
         """Store a variant's latency priors (measurements, not a state change)."""
         self._db.execute("UPDATE variants SET latency_json = ? WHERE id = ?",
                          (json.dumps(latency) if latency is not None else None, variant_id))
+
+    def set_chat(self, variant_id: str, chat: dict[str, Any]) -> None:
+        """Store a variant's chat answers measured after the fact (a base from before the chat gate)."""
+        self._db.execute("UPDATE variants SET chat_json = ? WHERE id = ?", (json.dumps(chat), variant_id))
 
     def recover(self) -> list[VariantRecord]:
         """After a crash: interrupted variants back to pending (failed after MAX_ATTEMPTS), their

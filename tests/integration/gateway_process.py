@@ -20,6 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 TEST_HOME = REPO / ".cache" / "test-home"
 API_KEY = "test-api-key-0123456789abcdef"
 ADMIN_KEY = "test-admin-key-0123456789abcdef"
+TERMINAL = ("ready", "rejected", "failed", "unsupported")  # variant states the builder leaves alone
 
 
 @dataclass
@@ -65,7 +66,7 @@ class GatewayProcess:
 
         def built() -> bool:
             models = admin(self, "GET", "/admin/models").json()["models"]
-            return all(v["state"] in ("ready", "rejected", "failed") for m in models for v in m["variants"])
+            return all(v["state"] in TERMINAL for m in models for v in m["variants"])
 
         if not wait_for(built, timeout_s, 1):
             raise TimeoutError(f"variants still building after {timeout_s:.0f} s:\n{self.log_tail()}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,26 +16,13 @@ from optimizers.registry import make_config
 from server.jobs.compress import CompressionFailed, CompressionJob, run_compression
 from server.models.embedded import ensure_checkpoint, find_bundled_gguf
 from tests.integration.gateway_process import TEST_HOME
-
-HIDDEN, INTERMEDIATE = 192, 384  # 192 is not a multiple of 128: group size must resolve to 64
+from tests.integration.tiny import HIDDEN, INTERMEDIATE
+from tests.integration.tiny import tiny_llama as make_tiny_llama
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    base = ensure_checkpoint(find_bundled_gguf(), TEST_HOME / "checkpoints", TEST_HOME / "logs")
-    out = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
-                         num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
-                         tie_word_embeddings=True, max_position_embeddings=512)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (base / name).exists():
-            shutil.copy(base / name, out / name)
-    return out
+def tiny_llama() -> Path:
+    return make_tiny_llama()
 
 
 def _compress(method: str, source: Path, out: Path, config: dict | None = None) -> dict:

@@ -91,7 +91,9 @@ def test_unknown_route_is_openai_shaped_404(client: TestClient) -> None:
 def test_admin_needs_the_admin_key(client: TestClient) -> None:
     assert client.get("/admin/engines", headers=_auth()).status_code == 401
     response = client.get("/admin/engines", headers=_auth(ADMIN_KEY))
-    assert response.json() == {"engines": []}
+    body = response.json()
+    assert body["engines"] == []
+    assert body["host"]["device"] and set(body["host"]["kernels"]) >= {"w4a16", "w8a8"}  # server/engines/probe.py
 
 
 def test_errors_are_counted_in_metrics(client: TestClient) -> None:

@@ -123,3 +123,26 @@ def test_remove_model_cascades(registry: Registry, tmp_path) -> None:
 def test_check_constraint_guards_the_file(registry: Registry) -> None:
     with pytest.raises(sqlite3.IntegrityError):
         registry._db.execute("INSERT INTO jobs (variant_id, state, started_at) VALUES ('m@int8', 'weird', 0)")
+
+
+def test_chat_answers_are_stored_with_the_verdict_and_after_the_fact(registry: Registry) -> None:
+    chat = {"answers": ["The capital of France is Paris."], "correct": 1, "loops": 0, "prompts": 1}
+    registry.transition("m@bf16", S.EVALUATING)
+    record = registry.transition("m@bf16", S.READY, ppl=11.3, ppl_delta=0.0, chat=chat)
+    assert record.chat == chat and Registry(registry.path).variant("m@bf16").chat == chat
+    assert registry.variant("m@int8").chat is None
+    registry.set_chat("m@int8", {**chat, "correct": 0})  # a base measured before the chat gate existed
+    assert registry.variant("m@int8").chat["correct"] == 0
+
+
+def test_a_rung_the_host_cannot_run_is_registered_unsupported_and_never_built(tmp_path) -> None:
+    registry = Registry(tmp_path / "r.sqlite3")
+    registry.add_model(_model("u"), [("bf16", "base", 16, {}), ("awq", "awq", 4, {})],
+                       unsupported={"awq": "unsupported on this host: no cpu_gemm_wna16"})  # fmt: skip
+    awq = registry.variant("u@awq")
+    assert awq.state is S.UNSUPPORTED and "cpu_gemm_wna16" in awq.reason
+    assert registry.next_pending().id == "u@bf16"
+    registry.transition("u@bf16", S.EVALUATING)
+    assert registry.next_pending() is None  # nothing left to build
+    with pytest.raises(IllegalTransition):
+        registry.transition("u@awq", S.COMPRESSING)

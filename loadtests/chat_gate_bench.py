@@ -1,0 +1,140 @@
+"""The chat gate side by side: each recipe, served in each engine dtype, judged against its base.
+
+    python -m loadtests.chat_gate_bench [--profile fast] [--dtypes float32 bfloat16]
+        [--recipes int8 'int8:{"smoothing_strength": 0.5}' int4-gptq awq]
+
+Compresses each recipe (the registry's content-addressed store under --home: made once, reused),
+serves the base and every variant in each engine dtype with its own vLLM engine, and measures
+perplexity (prompt_logprobs on the profile's evaluation windows) and the chat set of
+optimizers/chat_quality.py: facts right, looping answers, agreement with the base in the same dtype,
+and the gate's verdict. Prints a table and writes chat-gate-<profile>.json/.md after every row.
+A benchmark: it asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import httpx
+
+from loadtests.local import local_engine
+from optimizers.chat_quality import PROMPTS, ChatGate, ChatScore, agreement, chat_answers, judge
+from optimizers.data import PROFILES, tokenized_split
+from optimizers.evaluate import perplexity
+from optimizers.registry import make_config
+from server.jobs.compress import CompressionJob, run_compression
+from server.models.embedded import ensure_checkpoint, find_bundled_gguf, sha256_file
+from server.registry.artifacts import artifact_dir, artifact_key
+from server.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_recipe(text: str) -> tuple[str, dict]:
+    method, _, config = text.partition(":")
+    return method, json.loads(config) if config else {}
+
+
+async def serve_and_measure(settings: Settings, variant_id: str, model_dir: Path, engine_args: tuple[str, ...],
+                            windows: list[list[int]]) -> tuple[float, ChatScore, str, float]:
+    async with (local_engine(settings, variant_id, model_dir, engine_args) as (engine, config),
+                httpx.AsyncClient(timeout=3600, trust_env=False) as http):
+        ppl = await perplexity(http, engine.base_url, variant_id, windows)
+        started = time.monotonic()
+        chat = await chat_answers(http, engine.base_url, variant_id)
+        chat_s = time.monotonic() - started
+    return ppl.ppl, chat, config.dtype, chat_s
+
+
+def render(result: dict) -> str:
+    lines = [
+        f"# Chat gate: recipes x engine dtypes, SmolLM2-135M-Instruct, `{result['profile']}` profile "
+        f"({result['date']}, {result['machine']})", "",
+        f"{result['prompts']} greedy chat prompts of optimizers/chat_quality.py ({result['max_tokens']} tokens each); "
+        f"gate {result['gate']}; agreement and verdict against the base served in the same dtype. Command: "
+        f"`{result['command']}`", "",
+        "| recipe | engine dtype | ppl | delta | facts right | loops | agreement | France answer | gate |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for r in result["rows"]:
+        delta = "-" if r["ppl_delta"] is None else f"{100 * r['ppl_delta']:+.1f}%"
+        agree = "-" if r["agreement"] is None else f"{r['agreement']:.2f}"
+        lines.append(f"| {r['recipe']} | {r['dtype']} | {r['ppl']:.3f} | {delta} | {r['correct']}/{r['prompts']} | "
+                     f"{r['loops']} | {agree} | {r['answers'][0][:48]!r} | {r['verdict']} |")
+    lines += ["", "Answers per prompt are in the JSON file beside this one."]
+    return "\n".join(lines) + "\n"
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    settings = Settings(home=args.home)
+    base = ensure_checkpoint(find_bundled_gguf(), settings.checkpoints_dir, settings.logs_dir)
+    windows = tokenized_split(str(base), PROFILES[args.profile]).evaluation
+    gate = ChatGate()
+    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "profile": args.profile,
+              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                         f"{'avx512_bf16' if 'avx512_bf16' in Path('/proc/cpuinfo').read_text() else 'no avx512_bf16'}",
+              "prompts": len(PROMPTS), "max_tokens": 32, "gate": gate.model_dump(), "rows": [],
+              "command": "python -m loadtests.chat_gate_bench " + " ".join(args.argv)}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (args.out / f"chat-gate-{args.profile}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"chat-gate-{args.profile}.md").write_text(render(result))
+
+    built: dict[str, tuple[Path, tuple[str, ...]]] = {"base": (base, ())}
+    source_sha = sha256_file(find_bundled_gguf())
+    for recipe in args.recipes:
+        method, config = parse_recipe(recipe)
+        out = artifact_dir(settings.home, artifact_key(source_sha, make_config(method, config), args.profile))
+        finished = out / "quantgate-variant.json"
+        if finished.is_file():
+            manifest = json.loads(finished.read_text())
+        else:
+            manifest = await run_compression(
+                CompressionJob(method, base, out, profile=args.profile, config=tuple(config.items())),
+                settings.logs_dir / f"compress-{method}.log", timeout_s=args.timeout_s)  # fmt: skip
+        built[recipe] = (Path(manifest["model_path"]) if manifest["on_load"] else out, tuple(manifest["engine_args"]))
+    for dtype in args.dtypes:
+        dsettings = Settings(home=args.home, engine_dtype=dtype)
+        base_ppl = base_chat = None
+        for recipe, (model_dir, engine_args) in built.items():
+            variant_id = f"smollm2-135m@{recipe.split(':')[0]}"
+            ppl, chat, served, chat_s = await serve_and_measure(dsettings, variant_id, model_dir, engine_args, windows)
+            if base_chat is None:
+                base_ppl, base_chat = ppl, chat
+            is_base = recipe == "base"
+            result["rows"].append({
+                "recipe": recipe, "dtype": served, "ppl": ppl, "ppl_delta": None if is_base else ppl / base_ppl - 1,
+                "correct": chat.correct, "loops": chat.loops, "prompts": chat.prompts, "chat_s": round(chat_s, 1),
+                "agreement": None if is_base else agreement(chat, base_chat),
+                "verdict": "base" if is_base else (judge(chat, base_chat, gate) or "pass"),
+                "answers": list(chat.answers),
+            })  # fmt: skip
+            save()
+            print(render(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="fast", choices=sorted(PROFILES))
+    parser.add_argument("--recipes", nargs="+", default=["int8", 'int8:{"smoothing_strength": 0.5}', "int4-gptq", "awq"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--home", type=Path, default=REPO / ".cache" / "test-home")
+    parser.add_argument("--timeout-s", type=float, default=3600)
+    parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
+    args = parser.parse_args()
+    import sys
+
+    args.argv = sys.argv[1:]
+    asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

