@@ -60,13 +60,16 @@ def render(result: dict) -> str:
         f"{result['prompts']} greedy chat prompts of optimizers/chat_quality.py ({result['max_tokens']} tokens each); "
         f"gate {result['gate']}; agreement and verdict against the base served in the same dtype. Command: "
         f"`{result['command']}`", "",
-        "| recipe | engine dtype | ppl | delta | facts right | loops | agreement | France answer | gate |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| recipe | calibration dtype | s to make | engine dtype | ppl | delta | facts right | loops | agreement "
+        "| France answer | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in result["rows"]:
         delta = "-" if r["ppl_delta"] is None else f"{100 * r['ppl_delta']:+.1f}%"
         agree = "-" if r["agreement"] is None else f"{r['agreement']:.2f}"
-        lines.append(f"| {r['recipe']} | {r['dtype']} | {r['ppl']:.3f} | {delta} | {r['correct']}/{r['prompts']} | "
+        made = "-" if r.get("seconds_to_make") is None else f"{r['seconds_to_make']:.0f}"
+        lines.append(f"| {r['recipe']} | {r.get('calibration_dtype', 'auto')} | {made} | {r['dtype']} | {r['ppl']:.3f} | "
+                     f"{delta} | {r['correct']}/{r['prompts']} | "
                      f"{r['loops']} | {agree} | {r['answers'][0][:48]!r} | {r['verdict']} |")
     lines += ["", "Answers per prompt are in the JSON file beside this one."]
     return "\n".join(lines) + "\n"
@@ -85,10 +88,12 @@ async def main_async(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
-        (args.out / f"chat-gate-{args.profile}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / f"chat-gate-{args.profile}.md").write_text(render(result))
+        stem = args.report or f"chat-gate-{args.profile}"
+        (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / f"{stem}.md").write_text(render(result))
 
     built: dict[str, tuple[Path, tuple[str, ...]]] = {"base": (base, ())}
+    made: dict[str, float | None] = {"base": None}
     source_sha = sha256_file(find_bundled_gguf())
     for recipe in args.recipes:
         method, config = parse_recipe(recipe)
@@ -101,6 +106,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 CompressionJob(method, base, out, profile=args.profile, config=tuple(config.items())),
                 settings.logs_dir / f"compress-{method}.log", timeout_s=args.timeout_s)  # fmt: skip
         built[recipe] = (Path(manifest["model_path"]) if manifest["on_load"] else out, tuple(manifest["engine_args"]))
+        made[recipe] = manifest.get("seconds_to_make")
     for dtype in args.dtypes:
         dsettings = Settings(home=args.home, engine_dtype=dtype)
         base_ppl = base_chat = None
@@ -113,7 +119,8 @@ async def main_async(args: argparse.Namespace) -> None:
             result["rows"].append({
                 "recipe": recipe, "dtype": served, "ppl": ppl, "ppl_delta": None if is_base else ppl / base_ppl - 1,
                 "correct": chat.correct, "loops": chat.loops, "prompts": chat.prompts, "chat_s": round(chat_s, 1),
-                "agreement": None if is_base else agreement(chat, base_chat),
+                "agreement": None if is_base else agreement(chat, base_chat), "seconds_to_make": made[recipe],
+                "calibration_dtype": os.environ.get("QUANTGATE_CALIBRATION_DTYPE", "auto"),
                 "verdict": "base" if is_base else (judge(chat, base_chat, gate) or "pass"),
                 "answers": list(chat.answers),
             })  # fmt: skip
@@ -128,6 +135,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--home", type=Path, default=REPO / ".cache" / "test-home")
     parser.add_argument("--timeout-s", type=float, default=3600)
+    parser.add_argument("--report", help="report file name without extension (default chat-gate-<profile>)")
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
     args = parser.parse_args()
     import sys

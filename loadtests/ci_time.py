@@ -64,7 +64,7 @@ def timed(command: list[str], cwd: Path, log: Path) -> tuple[float, int, str]:
 
 
 def pytest_summary(output: str) -> dict:
-    durations = re.search(r"=+ slowest \d+ durations =+\n(.*?)\n\n", output, re.DOTALL)
+    durations = re.search(r"=+ slowest \d+ durations =+\n(.*?)\n(?:\n|=)", output, re.DOTALL)
     final = re.findall(r"^=+ (.*(?:passed|failed|error).*) in [\d.]+s.*=+$", output, re.MULTILINE)
     return {"result": final[-1] if final else "no pytest summary (see the log)",
             "durations": durations.group(1).splitlines()[:15] if durations else []}
@@ -80,6 +80,7 @@ def render(result: dict) -> str:
         lines.append(f"| `{step['name']}` | {step['seconds'] / 60:.1f} min | {step['exit']} | {step.get('result', '')} |")
     ci = sum(s["seconds"] for s in result["steps"] if s["name"] in ("make install tools", "make test"))
     lines += ["", f"`.ci/run` (install + `make test`): **{ci / 60:.1f} min**.", ""]
+    lines += [f"- {note}" for note in result.get("notes", [])] + ([""] if result.get("notes") else [])
     for step in result["steps"]:
         if step.get("durations"):
             lines += [f"Slowest tests of `{step['name']}` (pytest --durations):", "", "```",

@@ -90,7 +90,8 @@ class _CatalogCollector(Collector):
             return
         variants, jobs = self._registry.counts()
         by_state = GaugeMetricFamily("quantgate_registry_variants",
-                                     "registry variants by state (rejected = below the quality floor)",
+                                     "registry variants by state (rejected: below the quality gate; "
+                                     "unsupported: this host's engine lacks the kernel)",
                                      labels=["model", "state"])
         for model in sorted({m for m, _ in variants}):
             for state in VariantState:

@@ -39,6 +39,15 @@ def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return "unknown"
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                "unknown")
+
+
 def detect(preferred: Literal["auto", "cpu", "cuda"] = "auto") -> Hardware:
     flags = _cpu_flags()
     native_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)

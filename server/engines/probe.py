@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from server.engines.hardware import _cpu_flags
+from server.engines.hardware import _cpu_flags, cpu_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class KernelProbe:
     kernels: dict[str, bool]  # kernel -> whether this host's engine has it
     library: str = ""  # the vllm op library the engine loads here
     cpu_flags: tuple[str, ...] = ()
+    cpu_model: str = field(default_factory=cpu_model)
     source: str = "probe"  # probe | cache | forced | cuda | error
     detail: str = ""
     ops: dict[str, str] = field(default_factory=lambda: dict(CPU_OPS))
@@ -67,7 +68,7 @@ class KernelProbe:
         flags = ",".join(self.cpu_flags) or "none of " + ",".join(_FLAGS_SHOWN[:3])
         forced = f" (forced by {FORCE_ENV})" if self.source == "forced" else ""
         return (f"unsupported on this host: {where} has no {self.ops.get(kernel, kernel)} ({kernel} GEMM) "
-                f"for this CPU (flags: {flags}){forced}")
+                f"for this CPU ({self.cpu_model}; flags: {flags}){forced}")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -54,8 +54,9 @@ class GatewayProcess:
             time.sleep(1)
         raise TimeoutError(f"gateway not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def wait_serving(self, timeout_s: float = 120) -> None:
-        """Wait until the HTTP server answers (for gateways with nothing to be ready for)."""
+    def wait_serving(self, timeout_s: float = 300) -> None:
+        """Wait until the HTTP server answers (for gateways with nothing to be ready for). Start-up asks
+        the engine's python once (kernel probe, vLLM's architectures): seconds, up to a minute on slow boxes."""
         ok = wait_for(lambda: self.proc.poll() is None and httpx.get(f"{self.url}/health").status_code == 200,
                       timeout_s)  # fmt: skip
         if not ok:

@@ -26,7 +26,8 @@ def test_remote_engine_serves_through_the_same_client_path(engine_url: str, tmp_
     settings = Settings(home=tmp_path, embedded_model=False, remote_engines={"smollm2-135m@bf16": engine_url},
                         admin_key=ADMIN_KEY)
     with TestClient(create_app(settings)) as http:
-        assert wait_for(lambda: http.get("/ready").status_code == 200, 15)
+        # Bounded by the first health poll of the remote engine (seconds); generous for slow boxes.
+        assert wait_for(lambda: http.get("/ready").status_code == 200, 120), http.get("/ready").text
         response = http.post("/v1/chat/completions", json={"model": "smollm2-135m", "messages": FRANCE,
                                                            "temperature": 0, "max_tokens": 20})
         assert response.status_code == 200, response.text
