@@ -31,9 +31,33 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
     return json.loads(manifest.read_text()) if manifest.is_file() else None
 
 
+def calibration_dtype_name() -> str:
+    """The dtype calibration computes in: QUANTGATE_CALIBRATION_DTYPE if set; else the checkpoint's own
+    ("auto") on GPU hosts and on CPUs with native bf16, and float32 on other CPUs, where bf16 GEMMs are
+    emulated (~4.5x slower). Measured on SmolLM2 (loadtests/results/2026-12-04/host-ladder.md): int8
+    calibrated in float32 and served in float32, as such a CPU serves it, passes the chat gate (22/24 facts
+    vs the base's 20); served in bf16 instead it got 17/24 and failed, so float32 calibration is only
+    picked where the engine also runs float32."""
+    forced = os.environ.get("QUANTGATE_CALIBRATION_DTYPE")
+    if forced:
+        return forced
+    if shutil.which("nvidia-smi"):
+        return "auto"
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])  # fmt: skip
+    except OSError:
+        return "auto"
+    return "auto" if {"avx512_bf16", "amx_bf16"} & set(flags) or not flags else "float32"
+
+
 def calibration_tag(config: MethodConfig, profile: str) -> str:
-    """The calibration data a job uses: part of every key that says two outputs are the same."""
-    return f"{profile}/v{CALIBRATION_VERSION}" if config.needs_calibration else "none"
+    """The calibration data a job uses (and the dtype it computes in, when not the checkpoint's own):
+    part of every key that says two outputs are the same."""
+    if not config.needs_calibration:
+        return "none"
+    dtype = calibration_dtype_name()
+    return f"{profile}/v{CALIBRATION_VERSION}" + ("" if dtype == "auto" else f"/{dtype}")
 
 
 def job_key(config: MethodConfig, source: Path, profile: str) -> str:

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from optimizers.job import calibration_dtype_name
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,24 +24,11 @@ def _cpu_workarounds() -> None:
 
 
 def calibration_dtype() -> Any:
-    """The dtype calibration computes in: the checkpoint's own ("auto") on GPUs and on CPUs with native
-    bf16, float32 elsewhere, where a bf16 GEMM is emulated and runs ~4.5x slower than float32
-    (issue 23: 4.7 vs 21.4 GFLOP/s on an AVX2-only EPYC). QUANTGATE_CALIBRATION_DTYPE overrides."""
-    import os
-
+    """optimizers/job.py: calibration_dtype_name, as a torch dtype (or "auto": the checkpoint's own)."""
     import torch
 
-    forced = os.environ.get("QUANTGATE_CALIBRATION_DTYPE")
-    if forced:
-        return forced if forced == "auto" else getattr(torch, forced)
-    if torch.cuda.is_available():
-        return "auto"
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return "auto" if {"avx512_bf16", "amx_bf16"} & set(flags) else torch.float32
+    name = calibration_dtype_name()
+    return name if name == "auto" else getattr(torch, name)
 
 
 def oneshot_to_dir(source: Path, out: Path, recipe: Any, calibration: list[list[int]]) -> None:

@@ -114,3 +114,17 @@ def test_awq_calibration_subset_is_spread(offered: int, wanted: int | None, chat
     from optimizers.awq import spread
 
     assert [w[0] for w in spread([[i] for i in range(offered)], wanted, chat)] == expected
+
+
+def test_a_forced_calibration_dtype_is_part_of_the_artifact_key(monkeypatch) -> None:
+    from optimizers.job import calibration_tag
+    from optimizers.registry import make_config
+
+    config = make_config("int8")
+    monkeypatch.setenv("QUANTGATE_CALIBRATION_DTYPE", "auto")
+    default = calibration_tag(config, "fast")
+    assert default == "fast/v" + default.split("/v")[1] and "/" not in default.split("/v")[1]
+    assert calibration_tag(config, "fast") == default  # the checkpoint's own dtype: keys made before stay valid
+    monkeypatch.setenv("QUANTGATE_CALIBRATION_DTYPE", "float32")
+    assert calibration_tag(config, "fast") == default + "/float32"
+    assert calibration_tag(make_config("int8-wo"), "fast") == "none"  # nothing calibrated, nothing to tell apart
