@@ -14,6 +14,7 @@ from typing import Any
 
 from optimizers.base import Device, MethodConfig, ModelInfo
 from optimizers.data import CALIBRATION_VERSION, PROFILES, tokenized_split
+from optimizers.host import NATIVE_BF16, cpu_flags, has_nvidia_gpu
 from optimizers.registry import handler_for
 
 logger = logging.getLogger(__name__)
@@ -41,14 +42,8 @@ def calibration_dtype_name() -> str:
     forced = os.environ.get("QUANTGATE_CALIBRATION_DTYPE")
     if forced:
         return forced
-    if shutil.which("nvidia-smi"):
-        return "auto"
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])  # fmt: skip
-    except OSError:
-        return "auto"
-    return "auto" if {"avx512_bf16", "amx_bf16"} & set(flags) or not flags else "float32"
+    flags = cpu_flags()
+    return "auto" if has_nvidia_gpu() or NATIVE_BF16 & flags or not flags else "float32"
 
 
 def calibration_tag(config: MethodConfig, profile: str) -> str:

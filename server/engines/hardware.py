@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from optimizers.host import NATIVE_BF16, cpu_flags, has_nvidia_gpu
 
 logger = logging.getLogger(__name__)
 
@@ -28,32 +29,10 @@ class Hardware:
         return "float32"
 
 
-def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return "unknown"
-    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
-                "unknown")
-
-
 def detect(preferred: Literal["auto", "cpu", "cuda"] = "auto") -> Hardware:
-    flags = _cpu_flags()
-    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & flags)
+    native_bf16 = bool(NATIVE_BF16 & cpu_flags())
     if preferred == "auto":
-        has_gpu = shutil.which("nvidia-smi") is not None or Path("/dev/nvidia0").exists()
-        preferred = "cuda" if has_gpu else "cpu"
+        preferred = "cuda" if has_nvidia_gpu() else "cpu"
     return Hardware(device=preferred, cpu_native_bf16=native_bf16)
 
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from server.engines.hardware import _cpu_flags, cpu_model
+from optimizers.host import cpu_flags, cpu_model
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ if current_platform.get_cpu_architecture().name == "X86":
     elif not torch.cpu._is_avx512_bf16_supported():
         lib = "_C_AVX512"
 ops = {name: hasattr(torch.ops._C, op) for name, op in json.loads(sys.argv[1]).items()}
-print(json.dumps({"library": lib, "vllm": vllm.__version__, "ops": ops}))
+sys.stdout.write(json.dumps({"library": lib, "vllm": vllm.__version__, "ops": ops}) + "\n")  # the answer, read by probe()
 """
 
 
@@ -85,7 +85,7 @@ def _key(python: str, flags: set[str]) -> str:
 
 def probe(device: str, cache_dir: Path, python: str = sys.executable, timeout_s: float = 300) -> KernelProbe:
     """This host's answer: forced, cached, or asked of the engine python (a few seconds, once per host)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     shown = tuple(f for f in _FLAGS_SHOWN if f in flags)
     forced = os.environ.get(FORCE_ENV)
     if forced:
