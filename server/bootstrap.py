@@ -12,7 +12,7 @@ from pathlib import Path
 
 from server.catalog import Catalog, Variant, split_model_name
 from server.engines.hardware import Hardware, engine_dtype
-from server.engines.local import LocalEngineConfig
+from server.engines.local import LocalEngineConfig, last_flag
 from server.engines.remote import RemoteEngine
 from server.engines.supervisor import EngineSupervisor
 from server.models.embedded import find_bundled_gguf
@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 def local_engine_config(settings: Settings, hardware: Hardware, variant_id: str, model_path: Path,
                         extra_args: tuple[str, ...] = ()) -> LocalEngineConfig:
-    dtype = engine_dtype(hardware, settings.engine_dtype, model_path, variant_id)
+    # a variant's own --dtype (the on-load torchao methods run in bfloat16) is its engine's
+    dtype = last_flag(extra_args, "--dtype") or engine_dtype(hardware, settings.engine_dtype, model_path, variant_id)
     return LocalEngineConfig(
         variant_id=variant_id,
         model_path=model_path,

@@ -55,7 +55,7 @@ def variants_table(models: list[dict]) -> Table:
             color = {"ready": "green", "failed": "red", "rejected": "yellow", "unsupported": "magenta"}.get(v["state"], "cyan")
             table.add_row(v["id"], v["method"], str(v["bits"]), f"[{color}]{v['state']}[/{color}]",
                           _fmt(size, ".0f"), _fmt(v["ppl"], ".3f"), delta,
-                          _fmt(v["seconds_to_make"], ".0f"), (v["reason"] or "")[:60])  # fmt: skip
+                          _fmt(v["seconds_to_make"], ".0f"), (v["reason"] or "")[:240])  # fmt: skip
     return table
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from server.engines.base import Engine, EngineState, EngineStatus
+from server.engines.vllm_plugin import TORCHAO_ENV
 from server.process import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class LocalEngineConfig:
         )
         if self.device == "cpu":
             env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cpu_kvcache_gib)
+        if last_flag(self.extra_args, "--quantization") == "torchao":  # read by server/engines/vllm_plugin.py
+            env[TORCHAO_ENV] = "1"
         env.update(dict(self.extra_env))
         return env
 
@@ -85,14 +88,18 @@ def free_loopback_port() -> int:
         return sock.getsockname()[1]
 
 
+def last_flag(extra_args: tuple[str, ...], flag: str, default: str | None = None) -> str | None:
+    """The value of `flag` in an engine's extra args: the last occurrence wins, as in argparse."""
+    value = default
+    for name, following in itertools.pairwise(extra_args):
+        if name == flag:
+            value = following
+    return value
+
+
 def _scheduling_policy(extra_args: tuple[str, ...]) -> str:
-    """The policy the engine runs with: ours (priority) unless the extra args override it (the
-    last occurrence wins, as in argparse)."""
-    policy = "priority"
-    for flag, value in itertools.pairwise(extra_args):
-        if flag == "--scheduling-policy":
-            policy = value
-    return policy
+    """The policy the engine runs with: ours (priority) unless the extra args override it."""
+    return last_flag(extra_args, "--scheduling-policy", "priority") or "priority"
 
 
 class LocalEngine(Engine):

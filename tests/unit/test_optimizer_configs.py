@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from optimizers.base import InvalidConfig, ModelInfo, UnsupportedHere
@@ -41,7 +43,8 @@ def test_every_servable_method_has_a_handler() -> None:
         ("int4-gptq", {"group_sise": 64}, "group_sise: Extra inputs are not permitted"),
         ("int8", {"smoothing_strength": 1.5}, "less than or equal to 1"),
         ("awq", {"n_grid": 1}, "greater than or equal to 2"),
-        ("int3", {}, "unknown method 'int3'; known: awq, bnb-int8, bnb-nf4, fp8, int4-gptq, int8, int8-wo"),
+        ("int4-ao", {"group_size": 48}, "group_size: Input should be 32, 64, 128 or 256"),
+        ("int3", {}, "unknown method 'int3'; known: awq, bnb-int8, bnb-nf4, fp8, int4-ao, int4-gptq, int8, int8-wo"),
     ],
 )
 def test_bad_configs_fail_with_the_reason(method: str, fields: dict, fragment: str) -> None:
@@ -83,6 +86,23 @@ def test_on_load_methods_produce_engine_args(tmp_path) -> None:
     artifact = handler_for(make_config("fp8"))(make_config("fp8"), tmp_path, tmp_path / "out", [])
     assert artifact.on_load and artifact.model_path == tmp_path
     assert artifact.engine_args == ("--quantization", "fp8")
+
+
+def test_int4_ao_is_torchaos_cpu_int4_applied_on_load(tmp_path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 576,
+                                                      "intermediate_size": 1536}))
+    config = make_config("int4-ao")
+    config.check(SMOLLM2, "cpu")
+    artifact = handler_for(config)(config, tmp_path, tmp_path / "out", [])
+    assert artifact.on_load and artifact.model_path == tmp_path and not (tmp_path / "out").exists()
+    args = dict(zip(artifact.engine_args[::2], artifact.engine_args[1::2], strict=True))
+    assert args["--quantization"] == "torchao" and args["--dtype"] == "bfloat16"
+    ao = json.loads(json.loads(args["--hf-overrides"])["quantization_config_dict_json"])
+    # the class server/engines/vllm_plugin.py lets vLLM resolve; 576 is not a multiple of 128
+    assert ao["_type"] == "PrototypeInt4WeightOnlyConfig"
+    assert ao["_data"]["group_size"] == 64 and ao["_data"]["int4_choose_qparams_algorithm"] == "hqq"
+    with pytest.raises(UnsupportedHere, match="CPU int4 kernel"):
+        config.check(LLAMA8B, "cuda")
 
 
 def test_split_is_disjoint_and_fixed() -> None:

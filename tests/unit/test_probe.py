@@ -12,7 +12,7 @@ from server.engines.probe import FORCE_ENV, KernelProbe, probe
 def test_a_forced_answer_is_used_and_named_in_the_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(FORCE_ENV, '{"w4a16": false}')
     answer = probe("cpu", tmp_path)
-    assert answer.source == "forced" and answer.kernels == {"w4a16": False, "w8a8": True}
+    assert answer.source == "forced" and answer.kernels == {"w4a16": False, "w8a8": True, "w4a16-torchao": True}
     assert not answer.supports("w4a16") and answer.supports("w8a8") and answer.supports(None)
     reason = answer.reason("w4a16")
     assert reason.startswith("unsupported on this host") and "cpu_gemm_wna16" in reason and FORCE_ENV in reason
@@ -31,6 +31,23 @@ def test_cuda_hosts_are_not_asked_about_cpu_ops(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.delenv(FORCE_ENV, raising=False)
     answer = probe("cuda", tmp_path)
     assert answer.source == "cuda" and all(answer.kernels.values())
+
+
+def test_the_torchao_kernels_reason_names_torchao_too() -> None:
+    answer = KernelProbe(device="cpu", kernels={"w4a16-torchao": False}, library="_C_AVX2")
+    assert "aten._weight_int4pack_mm_for_cpu or torchao" in answer.reason("w4a16-torchao")
+
+
+def test_this_hosts_engine_is_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real probe, in the engine's python: every kernel answered; asked once, then cached."""
+    monkeypatch.delenv(FORCE_ENV, raising=False)
+    monkeypatch.setattr("server.engines.probe._ANSWERED", {})
+    answer = probe("cpu", tmp_path)
+    assert answer.source == "probe", answer.detail
+    assert set(answer.kernels) == {"w4a16", "w8a8", "w4a16-torchao"} and answer.library.startswith("_C")
+    assert answer.kernels["w4a16-torchao"], "ATen's CPU int4 GEMM and torchao come with the engine environment"
+    monkeypatch.setattr("server.engines.probe._ANSWERED", {})
+    assert probe("cpu", tmp_path).source == "cache"
 
 
 def test_an_unknown_kernel_is_assumed_present() -> None:

@@ -1,0 +1,93 @@
+"""The ladder a host gets (server/registry/service.py: host_ladder): rungs its engine cannot run are
+kept as `unsupported` with the reason, and the 4-bit ones get torchao's CPU int4 rung in their place;
+and the pieces that let vLLM serve that rung (server/engines/vllm_plugin.py, the engine's env and dtype)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from optimizers.registry import make_config
+from server.bootstrap import local_engine_config
+from server.engines.hardware import Hardware
+from server.engines.local import LocalEngineConfig
+from server.engines.probe import KernelProbe
+from server.engines.vllm_plugin import TORCHAO_ENV, TORCHAO_INT4_MODULE, register
+from server.registry.service import host_ladder
+from server.settings import Settings
+from tests.unit.test_optimizer_configs import LLAMA8B, SMOLLM2
+
+AVX2 = KernelProbe(device="cpu", kernels={"w4a16": False, "w8a8": True, "w4a16-torchao": True}, library="_C_AVX2",
+                   cpu_model="AMD EPYC 7551", cpu_flags=("avx2",))  # fmt: skip
+AVX512 = KernelProbe(device="cpu", kernels={"w4a16": True, "w8a8": True, "w4a16-torchao": True}, library="_C")
+
+
+def _ladder(methods: list[str], kernels: KernelProbe, device: str = "cpu") -> tuple[list[str], dict[str, str]]:
+    configs, unsupported = host_ladder([make_config(m) for m in methods], kernels, SMOLLM2, device)
+    return [c.method for c in configs], unsupported
+
+
+def test_without_a_w4a16_gemm_the_4bit_rungs_are_unsupported_and_int4_ao_takes_their_place() -> None:
+    methods, unsupported = _ladder(["int8", "int4-gptq", "awq"], AVX2)
+    assert methods == ["int8", "int4-gptq", "awq", "int4-ao"]  # added once, for both
+    assert set(unsupported) == {"int4-gptq", "awq"}
+    for reason in unsupported.values():
+        assert "_C_AVX2 has no _C.cpu_gemm_wna16" in reason and "AMD EPYC 7551" in reason
+        assert reason.endswith("int4-ao is built in its place")
+
+
+def test_a_host_that_runs_every_rung_gets_the_ladder_asked_for() -> None:
+    assert _ladder(["int8", "int4-gptq", "awq"], AVX512) == (["int8", "int4-gptq", "awq"], {})
+
+
+def test_int4_ao_asked_for_is_not_added_twice() -> None:
+    methods, unsupported = _ladder(["int4-ao", "int4-gptq"], AVX2)
+    assert methods == ["int4-ao", "int4-gptq"] and unsupported["int4-gptq"].endswith("built in its place")
+
+
+def test_no_substitute_where_the_host_cannot_run_it_either() -> None:
+    bare = KernelProbe(device="cpu", kernels={"w4a16": False, "w4a16-torchao": False})
+    methods, unsupported = _ladder(["int8", "awq"], bare)
+    assert methods == ["int8", "awq"] and "in its place" not in unsupported["awq"]
+
+
+def test_no_substitute_where_its_config_does_not_fit_the_model() -> None:
+    configs, unsupported = host_ladder([make_config("awq")], AVX2, LLAMA8B, "cuda")  # int4-ao is CPU only
+    assert [c.method for c in configs] == ["awq"] and "in its place" not in unsupported["awq"]
+
+
+def test_the_plugin_lets_vllm_read_the_cpu_int4_config_only_in_torchao_engines(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchao.core.config import ALLOWED_AO_MODULES, config_from_dict
+
+    monkeypatch.setattr("torchao.core.config.ALLOWED_AO_MODULES", set(ALLOWED_AO_MODULES) - {TORCHAO_INT4_MODULE})
+    from torchao.core import config as ao_config
+
+    monkeypatch.delenv(TORCHAO_ENV, raising=False)
+    register()
+    assert TORCHAO_INT4_MODULE not in ao_config.ALLOWED_AO_MODULES
+    wanted = make_config("int4-ao").torchao_config(SMOLLM2)
+    with pytest.raises(ValueError, match="PrototypeInt4WeightOnlyConfig"):
+        config_from_dict(wanted)
+    monkeypatch.setenv(TORCHAO_ENV, "1")
+    register()
+    built = config_from_dict(wanted)
+    assert type(built).__name__ == "PrototypeInt4WeightOnlyConfig" and built.group_size == 64
+
+
+def test_torchao_engines_get_the_plugins_env_and_the_variants_dtype(tmp_path: Path) -> None:
+    settings = Settings(home=tmp_path, engine_dtype="float32")
+    artifact_args = ("--quantization", "torchao", "--hf-overrides", "{}", "--dtype", "bfloat16")
+    config = local_engine_config(settings, Hardware("cpu", False), "m@int4-ao", tmp_path, artifact_args)
+    assert config.dtype == "bfloat16" and config.environment()[TORCHAO_ENV] == "1"
+    plain = LocalEngineConfig("m@int8", tmp_path, "cpu", "float32", 2048, tmp_path, python=sys.executable)
+    assert plain.environment().get(TORCHAO_ENV) != "1"
+
+
+def test_a_substitute_the_host_cannot_run_either_is_not_claimed() -> None:
+    bare = KernelProbe(device="cpu", kernels={"w4a16": False, "w4a16-torchao": False})
+    methods, unsupported = _ladder(["int4-ao", "awq"], bare)
+    assert methods == ["int4-ao", "awq"] and set(unsupported) == {"int4-ao", "awq"}
+    assert "in its place" not in unsupported["awq"] and "or torchao" in unsupported["int4-ao"]
