@@ -58,9 +58,9 @@ def create_app(settings: Settings) -> FastAPI:
                     kernels.source)
         service = ModelService(settings, registry, builder, catalog, supervisor, hardware.device, kernels)
         metrics = GatewayMetrics(supervisor.statuses, load.all, catalog, registry)
+        per_engine = max([settings.engine_max_in_flight] + [r.max_in_flight or 0 for r in settings.remote_engines.values()])
         upstream = EngineClient(build_upstream_session(settings.upstream_connect_timeout_s,
-                                                       settings.upstream_read_timeout_s,
-                                                       settings.upstream_max_connections))  # fmt: skip
+                                                       settings.upstream_read_timeout_s, per_engine))  # fmt: skip
         gateway = Gateway(settings, catalog, supervisor, upstream, metrics, service, book, load)
         app.state.gateway = gateway
         boot = asyncio.create_task(Bootstrap(settings, registry, builder, service, catalog, supervisor).run(),

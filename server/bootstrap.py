@@ -96,7 +96,8 @@ class Bootstrap:
             if model in registered:
                 continue  # the builder attaches it when it builds that variant
             self.catalog.add_variant(_declared_variant(model, name or BASE_VARIANT, spec), now)
-            engine = RemoteEngine(variant_id, str(spec.url), accepts_priority=spec.priority_scheduling)
+            engine = RemoteEngine(variant_id, str(spec.url), accepts_priority=spec.priority_scheduling,
+                                  device=spec.device)
             await self.supervisor.add(engine)
             attached.append(engine)
         return attached

@@ -67,6 +67,18 @@ class EngineUnavailable(GatewayError):
     default_code = "engine_unavailable"
 
 
+class EnginesAtCapacity(GatewayError):
+    """Every engine that could serve the request already has as many requests in flight as the
+    gateway admits to it: overload is answered here, before an engine or a pool has to queue it."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    default_code = "engines_at_capacity"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
 class NoVariantWithinBudget(GatewayError):
     """No variant is predicted to meet the budget and the policy is `reject`."""
 

@@ -9,6 +9,7 @@ the first byte, observe.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -24,12 +25,12 @@ from server.api.streaming import StreamTiming, relay
 from server.catalog import Catalog, LogicalModel, Variant
 from server.engines.client import EngineClient
 from server.engines.supervisor import EngineSupervisor
-from server.errors import EngineUnavailable, GatewayError, NoVariantWithinBudget
+from server.errors import EnginesAtCapacity, EngineUnavailable, GatewayError, NoVariantWithinBudget
 from server.metrics import GatewayMetrics
 from server.observations import Call, Observations, Observed
 from server.registry.service import ModelService
 from server.routing.config import RoutingConfig
-from server.routing.predictor import LatencyBook
+from server.routing.predictor import LatencyBook, RawPrediction
 from server.routing.router import Router
 from server.routing.types import Budget, Candidate, Decision, EngineLoad, RequestFeatures
 from server.settings import Settings
@@ -97,31 +98,53 @@ class Gateway:
         return RequestFeatures(estimate_prompt_tokens(body), output, budget, tier)
 
     def candidates(self, model: LogicalModel, features: RequestFeatures
-                   ) -> tuple[list[Candidate], dict[str, tuple[float, float]]]:  # fmt: skip
+                   ) -> tuple[list[Candidate], dict[str, RawPrediction]]:  # fmt: skip
         statuses = self.supervisor.statuses()
         serving = {s.variant_id for s in statuses if s.serving}
-        local = {s.variant_id for s in statuses if s.kind == "local"}
-        busy_local = {v for v in local if self._busy(v)}
+        device = {s.variant_id: s.device for s in statuses}
+        # Busy engines per device group (local: this host; remote: the spec's device or the URL's
+        # host), across every model: engines of one device share its compute whatever they serve.
+        busy = Counter(device[v] for v in device if device[v] and self._busy(v))
         candidates, raws = [], {}
         for variant in model.variants:
             gauges = self.load.gauges(variant.id)
-            peers = len(busy_local - {variant.id}) if variant.id in local else 0
-            load = EngineLoad(self.in_flight[variant.id], gauges.running, gauges.waiting, gauges.kv_usage, peers)
+            where = device.get(variant.id, "")
+            peers = busy[where] - self._busy(variant.id) if where else 0
+            load = EngineLoad(self.in_flight[variant.id], gauges.running, gauges.waiting, gauges.kv_usage, peers,
+                              where)  # fmt: skip
             latency = self.book.get(variant.id)
             prediction = None
             if latency is not None:
                 prediction = latency.predict(features.prompt_tokens, features.output_tokens, load)
-                raws[variant.id] = latency.raw(features.prompt_tokens, features.output_tokens, load)
+                raws[variant.id] = RawPrediction(*latency.raw(features.prompt_tokens, features.output_tokens, load),
+                                                 load.idle)
             candidates.append(Candidate(variant, variant.id in serving, load, prediction))
         return candidates, raws
+
+    def _at_capacity(self, features: RequestFeatures, full: list[Candidate], what: str) -> EnginesAtCapacity:
+        """429 for a request every engine that could take it is full for; Retry-After from the soonest
+        predicted drain of their queues (1 s without a prediction)."""
+        drains = [(c.prediction.e2e_ms - c.prediction.idle_e2e_ms) / 1000 for c in full if c.prediction]
+        config = self.settings.routing_for(full[0].variant.model)
+        retry = min(max(math.ceil(min(drains)) if drains else 1, 1), config.max_retry_after_s)
+        loads = ", ".join(f"{c.variant.id}: {c.load.in_flight}/{self.max_in_flight(c.variant.id)}" for c in full)
+        return EnginesAtCapacity(f"every engine serving {what} is at its limit of requests in flight ({loads}); "
+                                 f"retry in {retry} s", retry_after_s=retry)  # fmt: skip
 
     def _busy(self, variant_id: str) -> bool:
         gauges = self.load.gauges(variant_id)
         return self.in_flight[variant_id] > 0 or gauges.running + gauges.waiting > 0
 
+    def max_in_flight(self, variant_id: str) -> int:
+        """Requests the gateway admits to this variant's engine at once (its spec's, else the setting)."""
+        spec = self.settings.remote_engines.get(variant_id)
+        return (spec.max_in_flight if spec is not None else None) or self.settings.engine_max_in_flight
+
     def decide(self, model: LogicalModel, pinned: Variant | None, features: RequestFeatures
-               ) -> tuple[Decision, dict[str, tuple[float, float]]]:  # fmt: skip
+               ) -> tuple[Decision, dict[str, RawPrediction]]:  # fmt: skip
         candidates, raws = self.candidates(model, features)
+        full = [c for c in candidates if c.serving and c.load.in_flight >= self.max_in_flight(c.variant.id)]
+        full_ids = {c.variant.id for c in full}
         if pinned is not None:
             chosen = next(c for c in candidates if c.variant.id == pinned.id)
             if not (chosen.serving and pinned.servable):
@@ -130,10 +153,14 @@ class Gateway:
                                             "GET /admin/models for the reason")  # fmt: skip
                 raise EngineUnavailable(f"variant '{pinned.id}' is not being served yet (state {pinned.state})",
                                         headers={"Retry-After": "5"})
+            if pinned.id in full_ids:
+                raise self._at_capacity(features, [chosen], f"variant '{pinned.id}'")
             return Decision(pinned, chosen.prediction, "pinned", "none"), raws
-        decision = self.router(model.name).route(features, candidates)
+        decision = self.router(model.name).route(features, [c for c in candidates if c.variant.id not in full_ids])
         if decision.variant is not None:
             return decision, raws
+        if full:
+            raise self._at_capacity(features, full, f"'{model.name}'")
         if decision.reason == "rejected":
             self.observations.rejected(model.name)
             raise NoVariantWithinBudget(

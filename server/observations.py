@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from server.catalog import Variant
 from server.metrics import GatewayMetrics
-from server.routing.predictor import LatencyBook
+from server.routing.predictor import LatencyBook, RawPrediction
 from server.routing.types import Budget, Decision, Prediction
 
 
@@ -21,7 +21,7 @@ class Call:
     decision: Decision
     budget: Budget
     prediction: Prediction | None
-    raw: tuple[float, float] | None  # uncorrected (TTFT, TPOT) ms the prediction came from
+    raw: RawPrediction | None  # uncorrected (TTFT, TPOT) ms the prediction came from, and on what load
     started: float  # time.perf_counter() when the request arrived
     tier: str = "default"
 
@@ -74,13 +74,13 @@ class Observations:
         latency, prediction = self.book.get(call.variant.id), call.prediction
         if latency is None or prediction is None or call.raw is None:
             return
-        raw_ttft, raw_tpot = call.raw
+        raw_ttft, raw_tpot, idle = call.raw
         ttft_ms = None if seen.ttft_s is None else seen.ttft_s * 1000
         tpot_ms = None if seen.tpot_s is None else seen.tpot_s * 1000
         if tpot_ms is None and seen.completion_tokens and seen.completion_tokens > 1:
             # Unstreamed: what is left after the predicted TTFT, per generated token.
             tpot_ms = max(seen.e2e_s * 1000 - prediction.ttft_ms, 0.0) / (seen.completion_tokens - 1)
-        latency.observe(raw_ttft, ttft_ms, raw_tpot, tpot_ms)
+        latency.observe(raw_ttft, ttft_ms, raw_tpot, tpot_ms, idle=idle)
         error = self.metrics.predictor_error
         if ttft_ms is not None and prediction.ttft_ms > 0:
             error.labels(call.variant.id, "ttft").observe(ttft_ms / prediction.ttft_ms)

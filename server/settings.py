@@ -41,6 +41,10 @@ class RemoteEngineSpec(BaseModel):
     ppl_delta: float | None = Field(None, ge=-1.0, le=100.0)
     size_bytes: int | None = Field(None, ge=0)
     priority_scheduling: bool = False  # started with `--scheduling-policy priority`
+    # Engines with the same device share its compute (one GPU): the router prices what one busy
+    # engine costs the others there. Default: the URL's host (server/engines/remote.py).
+    device: str | None = Field(None, min_length=1, max_length=128)
+    max_in_flight: int | None = Field(None, ge=1, le=100_000)  # default: QUANTGATE_ENGINE_MAX_IN_FLIGHT
 
 
 class Settings(BaseSettings):
@@ -87,10 +91,14 @@ class Settings(BaseSettings):
     model_routing: dict[str, RoutingConfig] = Field(default_factory=dict)
     load_scrape_interval_s: float = Field(1.0, ge=0.1, le=60)
 
-    # Upstream HTTP client.
-    upstream_connect_timeout_s: float = Field(5.0, gt=0)
+    # Upstream HTTP client: one connection pool per engine, sized to what the gateway admits to it.
+    upstream_connect_timeout_s: float = Field(5.0, gt=0)  # the TCP connect; waiting for a pooled one is not counted
     upstream_read_timeout_s: float = Field(600.0, gt=0)
-    upstream_max_connections: int = Field(512, ge=1)
+    upstream_max_connections: int = Field(512, ge=1)  # the off-path httpx client (health, scrapes, profiles)
+    # Admission: requests the gateway keeps in flight to one engine; a request every candidate engine
+    # is full for gets a 429 with Retry-After, not a queue in a pool or an engine. vLLM runs at most
+    # --max-num-seqs (256 by default on GPU) at once and queues the rest.
+    engine_max_in_flight: int = Field(512, ge=1, le=100_000)
 
     limits: Limits = Field(default_factory=Limits)
 

@@ -86,6 +86,8 @@ async def routing(model: str, gateway: GatewayDep, prompt_tokens: int = Query(64
             "priors": latency.priors.model_dump() if latency else None,
             "ttft_scale": latency.ttft_scale if latency else None,
             "tpot_scale": latency.tpot_scale if latency else None,
+            "load_ttft_scale": latency.load_ttft_scale if latency else None,
+            "load_tpot_scale": latency.load_tpot_scale if latency else None,
             "observations": latency.observations if latency else 0,
             "predicted": asdict(c.prediction) if c.prediction else None,
         })  # fmt: skip

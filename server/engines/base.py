@@ -26,6 +26,9 @@ class EngineStatus:
     pid: int | None
     log_path: str | None
     detail: str
+    # The device group it runs on: engines of one group share its compute (a GPU, or this host's
+    # cores), so one's busy steps slow the others (server/routing/predictor.py).
+    device: str = ""
 
     @property
     def serving(self) -> bool:
@@ -43,6 +46,7 @@ class Engine(abc.ABC):
     # Started with `--scheduling-policy priority`: requests may carry a `priority` (vLLM refuses
     # a non-zero one otherwise).
     accepts_priority: bool = False
+    device: str = ""  # its device group (EngineStatus.device)
 
     @property
     @abc.abstractmethod

@@ -71,9 +71,14 @@ class UpstreamStream:
         self._response.close()
 
 
-def build_upstream_session(connect_timeout_s: float, read_timeout_s: float, max_connections: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30.0, ttl_dns_cache=300)
-    timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
+def build_upstream_session(connect_timeout_s: float, read_timeout_s: float, per_engine: int) -> aiohttp.ClientSession:
+    """One session; its pool keeps up to `per_engine` connections to each engine (host:port), with no
+    limit across engines, so one busy engine never starves another's requests of connections (on the
+    H200 run one shared pool of 512 answered 778 requests with 503 at 1.5x load). The connect timeout
+    is the TCP connect alone (`sock_connect`): waiting for a pooled connection is not a connect failure.
+    The gateway admits at most `per_engine` requests to an engine (Gateway.decide), so that wait is short."""
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=per_engine, keepalive_timeout=30.0, ttl_dns_cache=300)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
     # trust_env=False (the default): a proxy configured for the host must not capture engine traffic.
     return aiohttp.ClientSession(connector=connector, timeout=timeout, auto_decompress=False,
                                  json_serialize=json.dumps)  # fmt: skip

@@ -107,6 +107,8 @@ class LocalEngine(Engine):
         self.config = config
         self.variant_id = config.variant_id
         self.accepts_priority = _scheduling_policy(config.extra_args) == "priority"
+        # Every local engine shares this host's cores, or its GPU (one GPU per gateway host today).
+        self.device = f"local:{config.device}"
         self._port = 0
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
@@ -133,6 +135,7 @@ class LocalEngine(Engine):
             pid=self._proc.pid if self._proc and self._proc.returncode is None else None,
             log_path=str(self.log_path),
             detail=self._detail,
+            device=self.device,
         )
 
     async def start(self) -> None:

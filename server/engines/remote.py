@@ -13,12 +13,20 @@ from server.engines.base import Engine, EngineState, EngineStatus
 logger = logging.getLogger(__name__)
 
 
+def remote_device(base_url: str) -> str:
+    """A remote engine's device group when its spec names none: its host. Engines behind one host
+    name (several vLLM servers on one GPU box, each on its own port) are taken to share a device;
+    engines on different hosts (pods) not. A `device` key in the spec says otherwise."""
+    return f"remote:{httpx.URL(base_url).host}"
+
+
 class RemoteEngine(Engine):
     def __init__(self, variant_id: str, base_url: str, poll_interval_s: float = 2.0,
-                 accepts_priority: bool = False) -> None:
+                 accepts_priority: bool = False, device: str | None = None) -> None:
         self.variant_id = variant_id
         self.accepts_priority = accepts_priority
         self._base_url = base_url.rstrip("/")
+        self.device = device or remote_device(self._base_url)
         self._poll_interval_s = poll_interval_s
         self._state = EngineState.STOPPED
         self._detail = ""
@@ -29,7 +37,8 @@ class RemoteEngine(Engine):
         return self._base_url
 
     def status(self) -> EngineStatus:
-        return EngineStatus(self.variant_id, "remote", self._base_url, self._state, 0, None, None, self._detail)
+        return EngineStatus(self.variant_id, "remote", self._base_url, self._state, 0, None, None, self._detail,
+                            self.device)
 
     async def start(self) -> None:
         if self._task is None or self._task.done():

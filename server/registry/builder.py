@@ -70,6 +70,9 @@ class VariantBuilder:
         self.chat_gate = chat_gate or ChatGate()
         self._wake = asyncio.Event()
         self._windows: dict[str, list[list[int]]] = {}
+        # Engines of one device are profiled one at a time: profiled together they share the device
+        # and their priors come out too slow (fp8 and w4a16 2x on one H200, FACTS.md).
+        self._profiling: dict[str, asyncio.Lock] = {}
 
     def wake(self) -> None:
         self._wake.set()
@@ -94,7 +97,8 @@ class VariantBuilder:
         """Start (or attach) the engine that serves `record` and wait until it is healthy."""
         if record.id in self.remote_engines:
             spec = self.remote_engines[record.id]
-            engine: Engine = RemoteEngine(record.id, str(spec.url), accepts_priority=spec.priority_scheduling)
+            engine: Engine = RemoteEngine(record.id, str(spec.url),
+                                          accepts_priority=spec.priority_scheduling, device=spec.device)
         else:
             assert record.model_path is not None
             engine = LocalEngine(self.engine_config(record.id, Path(record.model_path), record.engine_args))
@@ -213,7 +217,8 @@ class VariantBuilder:
         """Profile the engine's latency; without priors the variant is served but never predicted
         to meet a budget, so a failure here is logged and not fatal."""
         try:
-            priors = await profile_engine(engine.base_url, variant_id)
+            async with self._profiling.setdefault(engine.device, asyncio.Lock()):
+                priors = await profile_engine(engine.base_url, variant_id)
         except (httpx.HTTPError, RuntimeError) as exc:
             logger.warning("profiling %s failed (%s); it will not be routed by budget", variant_id, exc)
             return None

@@ -1,17 +1,24 @@
 """Latency prediction per variant: priors from a profiling run, corrected online.
 
     TTFT = (prefill(prompt) + queued prefills + one decode step of the running batch)
-           * (1 + busy engines sharing the device) * ttft_scale
-    TPOT = step_time(batch the request joins) * (1 + busy engines sharing the device) * tpot_scale
+           * (1 + busy engines sharing the device) * ttft_scale [* load_ttft_scale under load]
+    TPOT = step_time(batch the request joins) * (1 + busy engines sharing the device)
+           * tpot_scale [* load_tpot_scale under load]
     e2e  = TTFT + (output_tokens - 1) * TPOT
 
 `prefill` is linear in prompt tokens and `step_time` piecewise linear in the batch size, both
 measured on the variant's own engine (never assumed from its bit width) while the other engines
-were idle. Engines on one device share its compute, so other busy engines there slow this one
-down (on a 2-core CPU, spreading requests over four variants' engines was 4x slower than batching
-them in one: loadtests/results/2026-11-25/router-vs-base.md). The scales are
-exponentially weighted ratios of observed to predicted latency, so the priors follow the machine
-as it really runs (other engines busy, a GPU shared). Pure: no clocks, no I/O.
+of its device were idle (profiles on one device run one at a time). Engines on one device share
+its compute, so other busy engines there slow this one down (on a 2-core CPU, spreading requests
+over four variants' engines was 4x slower than batching them in one:
+loadtests/results/2026-11-25/router-vs-base.md).
+
+The online correction has two parts, each an exponentially weighted ratio of observed to predicted
+latency, each bounded. The idle scales learn only from requests routed to an idle engine on an idle
+device, so what load costs never moves the idle prediction: on one H200 an unsplit correction took in
+the slowdown of four engines sharing the GPU and predicted bf16 at 4.5 s idle against 0.63 s measured
+(the shared-device router issue). The load scales learn from the other requests what the load model
+misses, on top of the idle scales. Pure: no clocks, no I/O.
 """
 
 from __future__ import annotations
@@ -20,12 +27,26 @@ import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.routing.types import EngineLoad, Prediction
 
 RATIO_BOUNDS = (0.1, 10.0)  # one odd observation moves a scale at most this far
+# How far the corrections may take a prediction from its priors: the idle priors were measured
+# alone on the device, so an idle scale beyond 3x is evidence of a changed machine (profile again),
+# not something to fold in; load is modelled, so its residual may be larger.
+IDLE_SCALE_BOUNDS = (1 / 3, 3.0)
+LOAD_SCALE_BOUNDS = (0.25, 4.0)
+
+
+class RawPrediction(NamedTuple):
+    """The uncorrected (TTFT, TPOT) a request was routed on, and whether its engine and device were idle."""
+
+    ttft_ms: float
+    tpot_ms: float
+    idle: bool
 
 
 class LatencyPriors(BaseModel):
@@ -59,8 +80,10 @@ class LatencyPriors(BaseModel):
 class VariantLatency:
     priors: LatencyPriors
     alpha: float = 0.2
-    ttft_scale: float = 1.0
+    ttft_scale: float = 1.0  # idle: observed / prior, on an idle engine and device
     tpot_scale: float = 1.0
+    load_ttft_scale: float = 1.0  # under load: observed / (prior x idle scale)
+    load_tpot_scale: float = 1.0
     observations: int = 0
 
     def raw(self, prompt_tokens: int, output_tokens: int, load: EngineLoad) -> tuple[float, float]:
@@ -74,26 +97,43 @@ class VariantLatency:
         share = 1 + load.device_peers_busy
         return ttft * share, self.priors.step(running + waiting + 1) * share
 
+    def scales(self, idle: bool) -> tuple[float, float]:
+        """The (TTFT, TPOT) corrections applied to a raw prediction on an idle or a loaded engine."""
+        if idle:
+            return self.ttft_scale, self.tpot_scale
+        return self.ttft_scale * self.load_ttft_scale, self.tpot_scale * self.load_tpot_scale
+
     def predict(self, prompt_tokens: int, output_tokens: int, load: EngineLoad) -> Prediction:
         ttft, tpot = self.raw(prompt_tokens, output_tokens, load)
-        ttft, tpot = ttft * self.ttft_scale, tpot * self.tpot_scale
+        ttft_scale, tpot_scale = self.scales(load.idle)
+        ttft, tpot = ttft * ttft_scale, tpot * tpot_scale
         idle_ttft, idle_tpot = self.raw(prompt_tokens, output_tokens, EngineLoad())
         decode = max(output_tokens - 1, 0)
         return Prediction(ttft_ms=ttft, tpot_ms=tpot, e2e_ms=ttft + decode * tpot,
                           idle_e2e_ms=idle_ttft * self.ttft_scale + decode * idle_tpot * self.tpot_scale)
 
     def observe(self, raw_ttft_ms: float | None, observed_ttft_ms: float | None,
-                raw_tpot_ms: float | None, observed_tpot_ms: float | None) -> None:
-        """Fold one request's observed latencies (against the raw prediction it was routed on)."""
-        if raw_ttft_ms and observed_ttft_ms is not None:
-            self.ttft_scale = self._fold(self.ttft_scale, observed_ttft_ms / raw_ttft_ms)
-        if raw_tpot_ms and observed_tpot_ms is not None:
-            self.tpot_scale = self._fold(self.tpot_scale, observed_tpot_ms / raw_tpot_ms)
+                raw_tpot_ms: float | None, observed_tpot_ms: float | None, idle: bool = True) -> None:
+        """Fold one request's observed latencies (against the raw prediction it was routed on) into
+        the idle scales when it was routed to an idle engine and device, else into the load scales."""
+        if idle:
+            if raw_ttft_ms and observed_ttft_ms is not None:
+                self.ttft_scale = self._fold(self.ttft_scale, observed_ttft_ms / raw_ttft_ms, IDLE_SCALE_BOUNDS)
+            if raw_tpot_ms and observed_tpot_ms is not None:
+                self.tpot_scale = self._fold(self.tpot_scale, observed_tpot_ms / raw_tpot_ms, IDLE_SCALE_BOUNDS)
+        else:
+            if raw_ttft_ms and observed_ttft_ms is not None:
+                ratio = observed_ttft_ms / (raw_ttft_ms * self.ttft_scale)
+                self.load_ttft_scale = self._fold(self.load_ttft_scale, ratio, LOAD_SCALE_BOUNDS)
+            if raw_tpot_ms and observed_tpot_ms is not None:
+                ratio = observed_tpot_ms / (raw_tpot_ms * self.tpot_scale)
+                self.load_tpot_scale = self._fold(self.load_tpot_scale, ratio, LOAD_SCALE_BOUNDS)
         self.observations += 1
 
-    def _fold(self, scale: float, ratio: float) -> float:
+    def _fold(self, scale: float, ratio: float, bounds: tuple[float, float]) -> float:
         ratio = min(max(ratio, RATIO_BOUNDS[0]), RATIO_BOUNDS[1])
-        return (1 - self.alpha) * scale + self.alpha * ratio
+        folded = (1 - self.alpha) * scale + self.alpha * ratio
+        return min(max(folded, bounds[0]), bounds[1])
 
 
 @dataclass

@@ -46,14 +46,21 @@ class EngineLoad:
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0
-    # Other engines on the same device (local engines share this host's CPU cores or GPU) that
-    # are busy now: they take their share of the compute this engine was profiled with alone.
+    # Other engines on the same device (local engines share this host's CPU cores or GPU; remote
+    # ones the device their spec names) that are busy now: they take their share of the compute
+    # this engine was profiled with alone.
     device_peers_busy: int = 0
+    device: str = ""  # the device group (EngineStatus.device); "" when unknown
 
     @property
     def queue(self) -> int:
         """Requests ahead of a new one: the engine's view, or the gateway's when that is fresher."""
         return max(self.in_flight, self.running + self.waiting)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing on this engine and no busy engine beside it on its device."""
+        return self.queue == 0 and self.device_peers_busy == 0
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,9 @@ def fake_fleet(fakes: dict[str, dict], home_name: str, **env: str) -> Iterator[t
     ports = {variant_id: free_loopback_port() for variant_id in fakes}
     procs = [start_fake(v, ports[v], options) for v, options in fakes.items()]
     urls = {v: f"http://127.0.0.1:{port}" for v, port in ports.items()}
-    remotes = {v: {"url": urls[v], "priority_scheduling": True, **fakes[v]["spec"]} for v in fakes}
+    # each FakeEngine its own simulated device (they share no compute) unless its spec names one
+    remotes = {v: {"url": urls[v], "priority_scheduling": True, "device": f"fake:{v}", **fakes[v]["spec"]}
+               for v in fakes}
     model = next(iter(fakes)).split("@")[0]
     gateway = start_gateway(free_loopback_port(), home=shared_home(home_name, share=()),
                             QUANTGATE_EMBEDDED_MODEL="false", QUANTGATE_REMOTE_ENGINES=json.dumps(remotes), **env)

@@ -10,6 +10,7 @@ scrapes their vllm:* gauges and routes on what it measured, as it does with vLLM
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -26,7 +27,14 @@ FAKES = {
     "fake@bf16": {"tpot_ms": 40, "spec": {"method": "base"}},
     "fake@int8": {"tpot_ms": 8, "max_running": 4, "batch_slowdown": 0.5,
                   "spec": {"method": "int8", "bits": 8, "ppl_delta": 0.02, "size_bytes": 160}},
-    "fake@int4": {"tpot_ms": 15, "spec": {"method": "int4-gptq", "bits": 4, "ppl_delta": 0.20, "size_bytes": 110}},
+    "fake@int4": {"tpot_ms": 15, "spec": {"method": "int4-gptq", "bits": 4, "ppl_delta": 0.20, "size_bytes": 110,
+                                          "max_in_flight": 2}},
+}  # fmt: skip
+# Two engines on one simulated GPU and one on another (the spec's `device`).
+SHARED = {
+    "dev@bf16": {"tpot_ms": 20, "spec": {"method": "base", "device": "gpu-0"}},
+    "dev@int8": {"tpot_ms": 10, "spec": {"method": "int8", "bits": 8, "ppl_delta": 0.02, "device": "gpu-0"}},
+    "dev@int4": {"tpot_ms": 10, "spec": {"method": "int4-gptq", "bits": 4, "ppl_delta": 0.2, "device": "gpu-1"}},
 }  # fmt: skip
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -176,3 +184,53 @@ def test_routing_metrics_and_the_openai_client_with_fake_engines(fleet: FakeFlee
                      'quantgate_engine_requests_running{variant="fake@int8"}',
                      'quantgate_budget_outcomes_total{decision="rejected",model="fake",outcome="rejected",'):
         assert fragment in metrics, fragment
+
+
+def _open_streams(stack: contextlib.ExitStack, gateway_url: str, model: str, count: int,
+                  max_tokens: int = 200) -> None:
+    """`count` streamed chats to `model` held open (headers received) until `stack` closes."""
+    http = stack.enter_context(httpx.Client(timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}))
+    for _ in range(count):
+        response = stack.enter_context(http.stream("POST", f"{gateway_url}/v1/chat/completions", json={
+            "model": model, "messages": HELLO, "max_tokens": max_tokens, "stream": True}))  # fmt: skip
+        assert response.status_code == 200
+
+
+def test_overload_is_a_429_with_retry_after_before_the_engine_with_fake_engines(fleet: FakeFleet) -> None:
+    """fake@int4 admits 2 requests at once (its spec's max_in_flight): a third pinned to it is a 429
+    with Retry-After and never reaches it; routed requests go to the engines with room."""
+    before = fleet.stats("fake@int4")["requests"]
+    with contextlib.ExitStack() as stack:
+        _open_streams(stack, fleet.gateway.url, "fake@int4", 2)
+        refused = fleet.chat(model="fake@int4")
+        assert refused.status_code == 429, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "engines_at_capacity" and error["type"] == "rate_limit_error"
+        assert "fake@int4: 2/2" in error["message"] and 1 <= int(refused.headers["retry-after"]) <= 60
+        routed = fleet.chat(service_tier="flex")  # flex prefers int4, which has no room now
+        assert routed.status_code == 200 and routed.json()["model"] != "fake@int4"
+        assert fleet.stats("fake@int4")["requests"] == before + 2
+    assert wait_for(lambda: fleet.chat(model="fake@int4").status_code == 200, 10, 0.2)
+
+
+def test_engines_on_one_device_price_each_other_engines_on_another_do_not() -> None:
+    with (fake_fleet(SHARED, "router-fakes-shared", QUANTGATE_LOAD_SCRAPE_INTERVAL_S="0.25") as (gateway, _),
+          contextlib.ExitStack() as stack):
+        _open_streams(stack, gateway.url, "dev@bf16", 1, max_tokens=1500)  # 30 s at 20 ms a token
+
+        def view() -> dict[str, dict]:
+            return {r["variant"]: r for r in admin(gateway, "GET", "/admin/routing/dev").json()["variants"]}
+
+        def settled() -> bool:  # the profiles' last requests scraped away: only bf16's stream is running
+            load = view()["dev@int8"]["load"]
+            return load["running"] + load["waiting"] + load["in_flight"] == 0 and view()["dev@int4"]["load"][
+                "running"] == 0
+        assert wait_for(settled, 10, 0.2), view()
+        rows = view()
+        assert rows["dev@int8"]["load"]["device"] == "gpu-0" and rows["dev@int4"]["load"]["device"] == "gpu-1"
+        assert rows["dev@int8"]["load"]["device_peers_busy"] == 1  # bf16 decodes on its GPU
+        assert rows["dev@int4"]["load"]["device_peers_busy"] == 0
+        int8 = rows["dev@int8"]["predicted"]
+        assert int8["e2e_ms"] == pytest.approx(2 * int8["idle_e2e_ms"], rel=0.05)  # half the GPU's time
+        int4 = rows["dev@int4"]["predicted"]
+        assert int4["e2e_ms"] == pytest.approx(int4["idle_e2e_ms"], rel=0.05)

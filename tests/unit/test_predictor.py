@@ -101,3 +101,36 @@ def test_busy_engines_on_the_same_device_share_it() -> None:
     shared = latency.predict(100, 11, EngineLoad(device_peers_busy=1))
     assert shared.ttft_ms == pytest.approx(2 * alone.ttft_ms) and shared.tpot_ms == pytest.approx(2 * alone.tpot_ms)
     assert shared.idle_e2e_ms == pytest.approx(alone.e2e_ms)
+
+
+def test_load_never_moves_the_idle_prediction() -> None:
+    """Requests served under load (a shared device, a queue) fold into the load scales only: the idle
+    prediction stays what idle requests measured (the H200 run's bf16 idle e2e drifted to 7x)."""
+    latency = VariantLatency(PRIORS, alpha=0.2)
+    busy = EngineLoad(running=2, device_peers_busy=3)
+    raw_ttft, raw_tpot = latency.raw(100, 11, busy)
+    for _ in range(50):
+        latency.observe(raw_ttft, raw_ttft * 3, raw_tpot, raw_tpot * 3, idle=False)
+    assert latency.predict(100, 11, EngineLoad()).e2e_ms == pytest.approx(390.0)
+    assert latency.predict(100, 11, busy).tpot_ms == pytest.approx(raw_tpot * 3, rel=0.01)
+    # an idle observation moves the idle scale, and the load scale stays a residual on top of it
+    for _ in range(50):
+        latency.observe(*latency.raw(100, 11, EngineLoad())[:1], 180.0, None, None, idle=True)
+    assert latency.ttft_scale == pytest.approx(2.0, rel=0.01)
+    assert latency.predict(100, 11, busy).ttft_ms == pytest.approx(raw_ttft * latency.ttft_scale * latency.load_ttft_scale)
+
+
+@pytest.mark.parametrize(("idle", "ratio", "bound"), [(True, 10.0, 3.0), (True, 0.01, 1 / 3), (False, 10.0, 4.0),
+                                                       (False, 0.01, 0.25)])  # fmt: skip
+def test_corrections_are_bounded(idle: bool, ratio: float, bound: float) -> None:
+    latency = VariantLatency(PRIORS, alpha=0.5)
+    for _ in range(100):
+        latency.observe(100.0, 100.0 * ratio, 10.0, 10.0 * ratio, idle=idle)
+    scales = (latency.ttft_scale, latency.tpot_scale) if idle else (latency.load_ttft_scale, latency.load_tpot_scale)
+    assert scales == pytest.approx((bound, bound))
+
+
+def test_idle_means_nothing_on_the_engine_and_nothing_busy_beside_it() -> None:
+    assert EngineLoad().idle
+    assert not EngineLoad(in_flight=1).idle and not EngineLoad(waiting=1).idle
+    assert not EngineLoad(device_peers_busy=1).idle

@@ -1,0 +1,13 @@
+#!/bin/bash
+# The shared-device router on one H200 in one call (10 minutes): the four engines of engines.sh started at
+# once (PARALLEL=1), the gateway over them as remote engines on one host (one device group), and the router
+# bench against always-base and always-fastest at LOADS. Usage (device, repository root, env.sh sourced):
+#   bash loadtests/gpu/router_run.sh OUT
+set -uo pipefail
+OUT=${1:?out dir}
+W=/tmp/gpu-bench
+mkdir -p "$OUT" "$W"
+PARALLEL=1 bash loadtests/gpu/engines.sh "$W"
+cp "$W/engines.txt" "$OUT/" 2>/dev/null
+SCENARIOS=${SCENARIOS:-always-base,always-fastest,router} LOADS=${LOADS:-0.5,1.0,1.5} \
+  SECONDS_PER_RUN=${SECONDS_PER_RUN:-15} OVERHEAD=0 bash loadtests/gpu/bench.sh "$OUT"
