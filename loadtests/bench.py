@@ -28,11 +28,14 @@ import dataclasses
 import datetime as dt
 import itertools
 import json
+import multiprocessing
 import os
 import platform
+import random
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -41,7 +44,7 @@ from loadtests import harness
 from loadtests.local import local_gateway
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("always-base", "always-fastest", "round-robin", "router")
+SCENARIOS = ("always-base", "always-fastest", "round-robin", "least-loaded", "router")
 ADMIN_HEADERS: dict[str, str] = {}  # Authorization for /admin/* when the gateway has an admin key
 
 
@@ -68,7 +71,25 @@ def set_budgets(http: httpx.Client, model: str, base: str, trace: list[harness.T
         r.budget_ms = r.budget_factor * cache[key][base]
 
 
+class LeastLoaded:
+    """The variant with the fewest of this client's requests in flight (ties: the ladder's order): the
+    queue-depth pick of a least-busy load balancer (LiteLLM's `least-busy`, llm-d's queue scorer)."""
+
+    def __init__(self, ladder: list[str]) -> None:
+        self.ladder = ladder
+        self.in_flight = dict.fromkeys(ladder, 0)
+
+    def __call__(self, request: harness.TraceRequest) -> str:
+        chosen = min(self.ladder, key=lambda v: self.in_flight[v])
+        self.in_flight[chosen] += 1
+        return chosen
+
+    def done(self, variant: str) -> None:
+        self.in_flight[variant] -= 1
+
+
 def model_for(scenario: str, model: str, base: str, fastest: str, ladder: list[str]):
+    """always-base, always-fastest, round-robin, least-loaded, router, or pin:<variant name>."""
     if scenario == "always-base":
         return lambda r: base
     if scenario == "always-fastest":
@@ -76,7 +97,38 @@ def model_for(scenario: str, model: str, base: str, fastest: str, ladder: list[s
     if scenario == "round-robin":
         cycle = itertools.cycle(ladder)
         return lambda r: next(cycle)
+    if scenario == "least-loaded":
+        return LeastLoaded(ladder)
+    if scenario.startswith("pin:"):
+        pinned = f"{model}@{scenario[4:]}"
+        if pinned not in ladder:
+            raise SystemExit(f"{scenario}: no ready variant {pinned} (ready: {ladder})")
+        return lambda r: pinned
+    if scenario != "router":
+        raise SystemExit(f"unknown scenario {scenario!r}")
     return lambda r: model
+
+
+def _client_process(url: str, requests: list[harness.TraceRequest], rate: float, scenario: str,
+                    choice: tuple[str, str, str, list[str]], headers: dict[str, str],
+                    start_at: float) -> list[harness.Result]:  # fmt: skip
+    """One client process's share of an open-loop run (its own event loop, connections and chooser)."""
+    chooser = model_for(scenario, *choice)
+    return asyncio.run(harness.open_loop(url, requests, rate, chooser, scenario, headers, start_at=start_at))
+
+
+def replay(pool: ProcessPoolExecutor | None, processes: int, url: str, requests: list[harness.TraceRequest],
+           rate: float, scenario: str, choice: tuple[str, str, str, list[str]],
+           headers: dict[str, str]) -> list[harness.Result]:  # fmt: skip
+    """The open-loop run, in this process or split round-robin over `processes` client processes
+    (one Python client parses only ~5k streamed chunks per CPU-second: the shared-device router issue)."""
+    if pool is None or processes <= 1:
+        return asyncio.run(harness.open_loop(url, requests, rate, model_for(scenario, *choice), scenario, headers))
+    start_at = time.time() + 1.0  # every process has its requests ready by then
+    futures = [pool.submit(_client_process, url, requests[i::processes], rate, scenario, choice, headers, start_at)
+               for i in range(processes)]  # fmt: skip
+    results = [r for f in futures for r in f.result()]
+    return sorted(results, key=lambda r: r.index)
 
 
 def run(args: argparse.Namespace, url: str) -> dict:
@@ -109,6 +161,8 @@ def run(args: argparse.Namespace, url: str) -> dict:
     print(f"base capacity: {capacity:.2f} req/s at {args.capacity_concurrency} concurrent", flush=True)
 
     runs = []
+    pool = (ProcessPoolExecutor(args.client_processes, mp_context=multiprocessing.get_context("spawn"))
+            if args.client_processes > 1 else None)  # fmt: skip
     for load in args.loads:
         rate = load * capacity
         n = max(4, min(args.max_requests, round(rate * args.seconds_per_run)))
@@ -116,8 +170,8 @@ def run(args: argparse.Namespace, url: str) -> dict:
         span = requests[-1].at_unit / rate
         for scenario in args.scenarios:
             time.sleep(args.pause_s)
-            chooser = model_for(scenario, args.model, base, fastest, ladder)
-            results = asyncio.run(harness.open_loop(url, requests, rate, chooser, scenario, headers))
+            results = replay(pool, args.client_processes, url, requests, rate, scenario,
+                             (args.model, base, fastest, ladder), headers)  # fmt: skip
             summary = harness.summarize(results, span, ppl or None)
             answered = [r for r in results if r.variant in ppl_delta]
             summary["quality_weighted_ppl_delta"] = (statistics.fmean(ppl_delta[r.variant] for r in answered)
@@ -132,6 +186,8 @@ def run(args: argparse.Namespace, url: str) -> dict:
                   f"{summary['budget_attainment']:.0%}  goodput {summary['goodput_rps']:.2f}/s  "
                   f"ttft p50 {summary['ttft_ms_p50']}  e2e p50 {summary['e2e_ms_p50']}  {summary['variants']}",
                   flush=True)  # fmt: skip
+    if pool is not None:
+        pool.shutdown()
     return {"date": dt.datetime.now().isoformat(timespec="seconds"), "label": args.label,
             "command": "python -m loadtests.bench " + " ".join(sys.argv[1:]),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "model": args.model,
@@ -145,15 +201,39 @@ def headline(report: dict) -> dict:
     out = {}
     for load in sorted({r["load"] for r in report["runs"]}):
         at = {r["scenario"]: r for r in report["runs"] if r["load"] == load}
-        singles = [at[s] for s in ("always-base", "always-fastest") if s in at]
+        singles = [at[s] for s in at if s in ("always-base", "always-fastest") or s.startswith("pin:")]
         if "router" not in at or not singles:
             continue
         best = max(singles, key=lambda r: r["goodput_rps"] or 0)
         ratio = (at["router"]["goodput_rps"] / best["goodput_rps"]) if best["goodput_rps"] else None
+        low, high = paired_ratio_ci(at["router"]["results"], best["results"])
         out[str(load)] = {"router_goodput_rps": at["router"]["goodput_rps"], "best_single": best["scenario"],
                           "best_single_goodput_rps": best["goodput_rps"], "goodput_ratio": ratio,
-                          "router_ppl_delta": at["router"]["quality_weighted_ppl_delta"]}  # fmt: skip
+                          "goodput_ratio_ci95": [low, high],
+                          "router_ppl_delta": at["router"]["quality_weighted_ppl_delta"],
+                          "best_single_ppl_delta": best["quality_weighted_ppl_delta"]}  # fmt: skip
     return out
+
+
+def paired_ratio_ci(a: list[dict], b: list[dict], resamples: int = 2000, seed: int = 0) -> tuple[float | None, ...]:
+    """95% paired bootstrap interval of (budgets met by a) / (budgets met by b): both replayed the same
+    trace, so requests are resampled by their index, the same draw for both."""
+    met_a = {r["index"]: bool(r.get("met")) for r in a}
+    met_b = {r["index"]: bool(r.get("met")) for r in b}
+    indices = sorted(met_a.keys() & met_b.keys())
+    if not indices:
+        return None, None
+    rng = random.Random(seed)
+    ratios = []
+    for _ in range(resamples):
+        draw = [indices[rng.randrange(len(indices))] for _ in indices]
+        denominator = sum(met_b[i] for i in draw)
+        if denominator:
+            ratios.append(sum(met_a[i] for i in draw) / denominator)
+    if len(ratios) < resamples // 2:
+        return None, None
+    ratios.sort()
+    return ratios[int(0.025 * len(ratios))], ratios[int(0.975 * len(ratios)) - 1]
 
 
 def render(report: dict) -> str:
@@ -178,12 +258,16 @@ def render(report: dict) -> str:
                      f"{f(r['itl_ms_p50'], '.1f')} / {f(r['itl_ms_p99'], '.1f')} | "
                      f"{f(r['e2e_ms_p50'], '.0f')} / {f(r['e2e_ms_p99'], '.0f')} | {r['errors']} | "
                      f"{', '.join(f'{k.split(chr(64))[-1]}:{n}' for k, n in sorted(r['variants'].items()))} |")
-    lines += ["", "Headline: router goodput over the better of always-base and always-fastest, per load.", "",
-              "| load | router goodput | best single | its goodput | ratio | router ppl delta |", "|---|---|---|---|---|---|"]
+    lines += ["", "Headline: router goodput over the best single variant run (always-base, always-fastest, pin:*), "
+              "per load; 95% paired bootstrap interval of the ratio (requests resampled by trace index).", "",
+              "| load | router goodput | best single | its goodput | ratio (95% CI) | router ppl delta | its ppl delta |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for load, h in report["headline"].items():
+        low, high = h.get("goodput_ratio_ci95") or (None, None)
         lines.append(f"| {load}x | {f(h['router_goodput_rps'], '.2f')} | {h['best_single']} | "
-                     f"{f(h['best_single_goodput_rps'], '.2f')} | {f(h['goodput_ratio'], '.2f')} | "
-                     f"{f(h['router_ppl_delta'], '+.2%')} |")  # fmt: skip
+                     f"{f(h['best_single_goodput_rps'], '.2f')} | {f(h['goodput_ratio'], '.2f')} "
+                     f"({f(low, '.2f')}-{f(high, '.2f')}) | {f(h['router_ppl_delta'], '+.2%')} | "
+                     f"{f(h.get('best_single_ppl_delta'), '+.2%')} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -223,6 +307,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--output-median", type=int, default=48)
     p.add_argument("--output-max", type=int, default=160)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--client-processes", type=int, default=1, help="split each open-loop run over this many processes")
     p.add_argument("--compact", action="store_true", help="leave per-token gaps out of the JSON (big runs)")
     p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
     return p

@@ -168,14 +168,23 @@ def client(limit: int = 1024) -> httpx.AsyncClient:
 
 
 async def open_loop(url: str, requests: Sequence[TraceRequest], rate: float, model_for: Callable[[TraceRequest], str],
-                    scenario: str, headers: dict[str, str] | None = None) -> list[Result]:  # fmt: skip
-    """Each request sent at its arrival time (at_unit / rate), whatever the answers' speed."""
+                    scenario: str, headers: dict[str, str] | None = None,
+                    start_at: float | None = None) -> list[Result]:  # fmt: skip
+    """Each request sent at its arrival time (at_unit / rate), whatever the answers' speed; the trace's
+    zero is `start_at` (time.time()) when given, so that several client processes share one clock.
+    A chooser with a `done(model)` method hears when each of its requests has ended."""
+    done = getattr(model_for, "done", None)
     async with client() as http:
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() + (start_at - time.time() if start_at is not None else 0.0)
 
         async def one(request: TraceRequest) -> Result:
             await asyncio.sleep(max(0.0, t0 + request.at_unit / rate - time.perf_counter()))
-            return await send(http, url, model_for(request), request, scenario, t0, headers)
+            model = model_for(request)
+            try:
+                return await send(http, url, model, request, scenario, t0, headers)
+            finally:
+                if done is not None:
+                    done(model)
 
         return list(await asyncio.gather(*(one(r) for r in requests)))
 

@@ -67,11 +67,12 @@ def create_app(settings: Settings) -> FastAPI:
                                    name="bootstrap")
         boot.add_done_callback(_log_bootstrap_failure)
         scraper = asyncio.create_task(load.run(), name="engine-load")
+        regimes = asyncio.create_task(gateway.run_concentrators(), name="shared-device-regimes")
         _tune_gc()
         try:
             yield
         finally:
-            for task in (boot, scraper):
+            for task in (boot, scraper, regimes):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task

@@ -8,11 +8,12 @@ the first byte, observe.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi import Request
@@ -29,10 +30,11 @@ from server.errors import EnginesAtCapacity, EngineUnavailable, GatewayError, No
 from server.metrics import GatewayMetrics
 from server.observations import Call, Observations, Observed
 from server.registry.service import ModelService
+from server.routing.concentrate import Concentrator, standby_map
 from server.routing.config import RoutingConfig
 from server.routing.predictor import LatencyBook, RawPrediction
 from server.routing.router import Router
-from server.routing.types import Budget, Candidate, Decision, EngineLoad, RequestFeatures
+from server.routing.types import Budget, Candidate, Decision, EngineLoad, Prediction, RequestFeatures
 from server.settings import Settings
 from server.telemetry.engine_load import EngineLoadScraper
 
@@ -66,6 +68,7 @@ class Gateway:
         self.observations = Observations(metrics, book)
         self.in_flight: Counter[str] = Counter()
         self._routers: dict[str, Router] = {}
+        self._concentrators: dict[str, Concentrator] = {}
 
     def serving_variant_ids(self) -> set[str]:
         return {s.variant_id for s in self.supervisor.statuses() if s.serving}
@@ -79,6 +82,33 @@ class Gateway:
         if model not in self._routers:
             self._routers[model] = Router(self.settings.routing_for(model))
         return self._routers[model]
+
+    def concentrator(self, model: str) -> Concentrator:
+        if model not in self._concentrators:
+            self._concentrators[model] = Concentrator(self.settings.routing_for(model).shared_device)
+        return self._concentrators[model]
+
+    def evaluate_concentrators(self, now: float, force: bool = False) -> None:
+        """Re-choose the active rung of every shared device whose evaluation is due (off the request path)."""
+        serving = self.serving_variant_ids()
+        device = {s.variant_id: s.device for s in self.supervisor.statuses()}
+        for model in self.catalog.models():
+            concentrator = self.concentrator(model.name)
+            if force or concentrator.due(now):
+                rungs = [(v, device.get(v.id, "")) for v in model.variants if v.servable and v.id in serving]
+                concentrator.evaluate(rungs, self._predict, now)
+
+    async def run_concentrators(self, interval_s: float = 0.25) -> None:
+        while True:
+            try:
+                self.evaluate_concentrators(time.monotonic())
+            except Exception:  # a bad evaluation must not stop the next one
+                logger.exception("choosing the active rungs failed")
+            await asyncio.sleep(interval_s)
+
+    def _predict(self, variant_id: str, prompt_tokens: int, output_tokens: int, load: EngineLoad) -> Prediction | None:
+        latency = self.book.get(variant_id)
+        return latency.predict(prompt_tokens, output_tokens, load) if latency is not None else None
 
     # --- snapshots and decisions (no I/O) ---------------------------------------------------
 
@@ -121,6 +151,16 @@ class Gateway:
             candidates.append(Candidate(variant, variant.id in serving, load, prediction))
         return candidates, raws
 
+    @staticmethod
+    def _mark_standby(concentrator: Concentrator, candidates: list[Candidate]) -> list[Candidate]:
+        """Flag the rungs of a device whose active rung is another one that can take the request."""
+        available = {c.variant.id: c.load.device for c in candidates if c.serving and c.variant.servable}
+        standby = standby_map(concentrator, available)
+        if not any(standby.values()):
+            return candidates
+        return [replace(c, standby=True, device_rate_rps=concentrator.rate(c.load.device))
+                if standby.get(c.variant.id) else c for c in candidates]  # fmt: skip
+
     def _at_capacity(self, features: RequestFeatures, full: list[Candidate], what: str) -> EnginesAtCapacity:
         """429 for a request every engine that could take it is full for; Retry-After from the soonest
         predicted drain of their queues (1 s without a prediction)."""
@@ -156,7 +196,11 @@ class Gateway:
             if pinned.id in full_ids:
                 raise self._at_capacity(features, [chosen], f"variant '{pinned.id}'")
             return Decision(pinned, chosen.prediction, "pinned", "none"), raws
-        decision = self.router(model.name).route(features, [c for c in candidates if c.variant.id not in full_ids])
+        admitted = [c for c in candidates if c.variant.id not in full_ids]
+        concentrator = self.concentrator(model.name)
+        concentrator.arrive(features, time.monotonic())
+        admitted = self._mark_standby(concentrator, admitted)
+        decision = self.router(model.name).route(features, admitted)
         if decision.variant is not None:
             return decision, raws
         if full:

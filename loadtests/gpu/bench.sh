@@ -29,9 +29,9 @@ done
 # At most 8 files come back from the device: the reports (plots are drawn later from the JSON),
 # the consoles, the gateway's log tail; copied after each step in case the call's time runs out.
 python3 -m loadtests.bench --gateway http://127.0.0.1:8000 --model llama-3.1-8b --label h100 --out "$W" --compact \
-  --loads "${LOADS:-0.25,0.5,1.0,1.5}" --scenarios "${SCENARIOS:-always-base,always-fastest,round-robin,router}" --seconds-per-run "${SECONDS_PER_RUN:-12}" --capacity-concurrency 64 --capacity-s 20 \
+  --loads "${LOADS:-0.25,0.5,1.0,1.5}" --scenarios "${SCENARIOS:-always-base,always-fastest,round-robin,least-loaded,router}" --seconds-per-run "${SECONDS_PER_RUN:-12}" --capacity-concurrency 64 --capacity-s 20 \
   --pause-s 2 --prompt-median 256 --prompt-max 1024 --output-median 128 --output-max 256 --max-requests 2000 \
-  > "$OUT/bench.txt" 2>&1
+  --client-processes "${CLIENT_PROCESSES:-1}" > "$OUT/bench.txt" 2>&1
 cp "$W/bench-h100.json" "$W/bench-h100.md" "$OUT/"
 [ "${OVERHEAD:-1}" = 1 ] && python3 -m loadtests.overhead --gateway http://127.0.0.1:8000 --model llama-3.1-8b --label h100 --out "$W" \
   --concurrency 1,16,64 --per-round 64 --rounds 2 --fake-seconds 10 > "$OUT/overhead.txt" 2>&1

@@ -73,7 +73,8 @@ async def engines(gateway: GatewayDep) -> dict:
 async def routing(model: str, gateway: GatewayDep, prompt_tokens: int = Query(64, ge=1, le=1_048_576),
                   output_tokens: int = Query(128, ge=1, le=1_048_576)) -> dict:
     """What the router sees for `model` now: per variant its quality, live load, latency priors,
-    online corrections, and the prediction for a request of the given size."""
+    online corrections, and the prediction for a request of the given size; per shared device the
+    active rung, what each rung would do with the recent traffic, and the rungs worth keeping resident."""
     logical, _ = gateway.catalog.resolve(model)
     features = RequestFeatures(prompt_tokens, output_tokens, Budget())
     candidates, _ = gateway.candidates(logical, features)
@@ -91,5 +92,9 @@ async def routing(model: str, gateway: GatewayDep, prompt_tokens: int = Query(64
             "observations": latency.observations if latency else 0,
             "predicted": asdict(c.prediction) if c.prediction else None,
         })  # fmt: skip
+    regimes = gateway.concentrator(logical.name).regimes
     return {"model": logical.name, "config": gateway.settings.routing_for(logical.name).model_dump(),
-            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "variants": rows}
+            "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "variants": rows,
+            "devices": [regime.as_dict() for regime in regimes.values()],
+            "recommendation": {device: {"resident": [regime.active] if regime.active else [], "reason": regime.reason}
+                               for device, regime in regimes.items()}}  # fmt: skip

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from server.routing.concentrate import SharedDeviceConfig
 from server.routing.plugins import build_scorer
 from server.routing.types import Budget, Tier
 
@@ -63,6 +64,7 @@ class RoutingConfig(BaseModel):
     default_output_tokens: int = Field(128, ge=1, le=1_048_576, description="until completions are observed")
     max_attempts: int = Field(2, ge=1, le=5, description="engines tried before any byte reaches the client")
     max_retry_after_s: int = Field(60, ge=1, le=60)
+    shared_device: SharedDeviceConfig = Field(default_factory=SharedDeviceConfig)
 
     @field_validator("tiers", mode="before")
     @classmethod

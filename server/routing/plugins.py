@@ -6,13 +6,14 @@ from typing import Any
 
 from server.routing.filters.healthy import HealthyFilter
 from server.routing.filters.quality_floor import QualityFloorFilter
+from server.routing.filters.shared_device import SharedDeviceFilter
 from server.routing.filters.within_budget import WithinBudgetFilter
 from server.routing.scorers.cost import CostScorer
 from server.routing.scorers.headroom import HeadroomScorer
 from server.routing.scorers.load import LoadScorer
 from server.routing.scorers.quality import QualityScorer
 
-FILTERS = {f.name: f for f in (HealthyFilter, QualityFloorFilter, WithinBudgetFilter)}
+FILTERS = {f.name: f for f in (HealthyFilter, QualityFloorFilter, SharedDeviceFilter, WithinBudgetFilter)}
 SCORERS = {s.name: s for s in (QualityScorer, HeadroomScorer, LoadScorer, CostScorer)}
 
 

@@ -1,9 +1,11 @@
 """The router: filters -> scorers -> picker over frozen candidate snapshots; returns a Decision.
 
     eligible = healthy and within the quality floor
-    fitting  = eligible and predicted to meet the budget (every eligible one when there is none)
+    preferred = eligible less the standby rungs of a shared device that may not take it now
+                (every eligible one when that leaves none: server/routing/concentrate.py)
+    fitting  = preferred and predicted to meet the budget (every preferred one when there is none)
     fitting non-empty -> the best-scored fitting variant
-    else, policy degrade -> the fastest eligible variant (header says degraded)
+    else, policy degrade -> the fastest preferred variant (header says degraded)
           policy reject  -> no variant; Retry-After from the predicted queue drain
 
 It does no I/O; the gateway builds the snapshots and acts on the Decision.
@@ -18,6 +20,7 @@ from server.catalog import accuracy_key
 from server.routing.config import RoutingConfig
 from server.routing.filters.healthy import HealthyFilter
 from server.routing.filters.quality_floor import QualityFloorFilter
+from server.routing.filters.shared_device import SharedDeviceFilter
 from server.routing.filters.within_budget import WithinBudgetFilter
 from server.routing.picker import MaxScorePicker
 from server.routing.plugins import build_scorer
@@ -31,6 +34,8 @@ class Router:
         self.config = config
         self.eligibility = (HealthyFilter(), QualityFloorFilter(QualityFloorFilter.Config(
             max_ppl_delta=config.quality_floor)))  # fmt: skip
+        self.shared_device = SharedDeviceFilter(SharedDeviceFilter.Config(
+            spill_max_overlap=config.shared_device.spill_max_overlap))  # fmt: skip
         self.budget_filter = WithinBudgetFilter()
         self.picker = MaxScorePicker()
         self.scorers = {
@@ -43,10 +48,12 @@ class Router:
         eligible = [c for c in candidates if all(f.keep(c, features) for f in self.eligibility)]
         if not eligible:
             return Decision(None, None, "no-variant", "none")
-        fitting = [c for c in eligible if self.budget_filter.keep(c, features)]
+        preferred = [c for c in eligible if self.shared_device.keep(c, features)] or eligible
+        fitting = [c for c in preferred if self.budget_filter.keep(c, features)]
         if fitting:
             ranked = self._rank(fitting, features)
-            rest = _fastest_first([c for c in eligible if c not in fitting])
+            rest = _fastest_first([c for c in preferred if c not in fitting])
+            rest += _fastest_first([c for c in eligible if c not in preferred])
             best, _ = ranked[0]
             within = features.budget.any
             return Decision(best.variant, best.prediction, "within-budget" if within else "no-budget",
@@ -55,7 +62,7 @@ class Router:
                             scores=tuple((c.variant.id, s) for c, s in ranked))  # fmt: skip
         if self.config.policy_for(features.tier) == "reject":
             return Decision(None, None, "rejected", "none", retry_after_s=self._retry_after(eligible))
-        fastest = _fastest_first(eligible)
+        fastest = _fastest_first(preferred) + _fastest_first([c for c in eligible if c not in preferred])
         return Decision(fastest[0].variant, fastest[0].prediction, "degraded", "degraded",
                         fallbacks=tuple(fastest[1:]))
 

@@ -80,6 +80,10 @@ class Candidate:
     serving: bool
     load: EngineLoad = field(default_factory=EngineLoad)
     prediction: Prediction | None = None  # None until the variant has latency priors
+    # Another rung of this candidate's device is the active one (server/routing/concentrate.py);
+    # with the device's recent arrival rate, for the cost of taking a request anyway.
+    standby: bool = False
+    device_rate_rps: float = 0.0
 
 
 @dataclass(frozen=True)

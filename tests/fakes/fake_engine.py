@@ -7,6 +7,10 @@ per prompt token) to its first token and `tpot_ms * (1 + batch_slowdown * (runni
 further token. It generates no text worth reading. Reconfigure a running fake with POST
 /fake/config; GET /fake/stats shows what it was sent.
 
+FakeEngines given one `--device-dir` simulate engines that share a device: each keeps a file
+there saying whether it is busy, and each token costs `1 + busy others` times its own (engines on one
+GPU decode in turn, each step reading its own weights: the shared-device router issue).
+
     python -m tests.fakes.fake_engine --model m@int8 --port 9001 --ttft-ms 50 --tpot-ms 10
 """
 
@@ -17,6 +21,7 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -34,6 +39,7 @@ class FakeConfig(BaseModel):
     max_running: int = 8
     fail: str | None = None  # "500": answer every completion with HTTP 500
     healthy: bool = True
+    device_dir: str = ""  # FakeEngines given one directory simulate sharing one device
 
 
 class FakeState:
@@ -47,7 +53,29 @@ class FakeState:
 
     def step_s(self) -> float:
         c = self.config
-        return c.tpot_ms * (1 + c.batch_slowdown * max(self.running - 1, 0)) / 1000
+        return c.tpot_ms * (1 + c.batch_slowdown * max(self.running - 1, 0)) * self.share() / 1000
+
+    def share(self) -> int:
+        """1 + the other busy engines of this fake's simulated device."""
+        if not self.config.device_dir:
+            return 1
+        busy = 0
+        for path in Path(self.config.device_dir).iterdir():
+            if path.name != self._device_name() and path.suffix == ".busy":
+                busy += 1
+        return 1 + busy
+
+    def set_running(self, delta: int) -> None:
+        self.running += delta
+        if self.config.device_dir:
+            marker = Path(self.config.device_dir) / self._device_name()
+            if self.running:
+                marker.touch()
+            else:
+                marker.unlink(missing_ok=True)
+
+    def _device_name(self) -> str:
+        return f"{self.config.model.replace('/', '_')}.busy"
 
 
 def _prompt_tokens(body: dict[str, Any]) -> int:
@@ -119,7 +147,7 @@ async def _tokens(state: FakeState, n_in: int, n_out: int):
     state.waiting += 1
     await state.slots.acquire()
     state.waiting -= 1
-    state.running += 1
+    state.set_running(+1)
     try:
         c = state.config
         await asyncio.sleep((c.ttft_ms + c.prefill_ms_per_token * n_in) / 1000)
@@ -128,7 +156,7 @@ async def _tokens(state: FakeState, n_in: int, n_out: int):
                 await asyncio.sleep(state.step_s())
             yield f" tok{i}"
     finally:
-        state.running -= 1
+        state.set_running(-1)
         state.slots.release()
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from loadtests import bench, harness
 from tests.fakes.fleet import fake_fleet
 from tests.integration.gateway_process import ADMIN_KEY, API_KEY
@@ -28,29 +30,46 @@ def test_trace_is_seeded_and_scales_with_the_rate() -> None:
     assert harness.percentile([1, 2, 3, 4], 0.5) == 2 and harness.percentile([], 0.5) is None
 
 
+SCENARIOS = (*bench.SCENARIOS, "pin:int8")
+
+
+def test_least_loaded_picks_the_variant_with_fewest_requests_in_flight() -> None:
+    pick = bench.model_for("least-loaded", "m", "m@bf16", "m@int8", ["m@bf16", "m@int8"])
+    first, second, third = pick(None), pick(None), pick(None)
+    assert (first, second, third) == ("m@bf16", "m@int8", "m@bf16")
+    pick.done("m@int8")
+    assert pick(None) == "m@int8"
+    with pytest.raises(SystemExit):
+        bench.model_for("pin:fp8", "m", "m@bf16", "m@int8", ["m@bf16", "m@int8"])
+
+
 def test_bench_runs_every_scenario_and_load_and_writes_its_report(tmp_path: Path) -> None:
     with fake_fleet(FAKES, "loadtest-smoke") as (gateway, _):
         args = bench.parser().parse_args([
             "--gateway", gateway.url, "--model", "smoke", "--label", "smoke", "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
             "--loads", "0.5,1.0", "--seconds-per-run", "2", "--capacity-s", "2", "--capacity-concurrency", "4",
             "--pause-s", "0", "--output-median", "8", "--output-max", "16", "--max-requests", "40",
-            "--out", str(tmp_path),
+            "--out", str(tmp_path), "--client-processes", "2", "--scenarios", ",".join(SCENARIOS),
         ])  # fmt: skip
         bench.write(bench.run(args, gateway.url), tmp_path)
     report = json.loads((tmp_path / "bench-smoke.json").read_text())
     assert report["base"] == "smoke@bf16" and report["fastest"] == "smoke@int8"
     assert report["capacity_rps"] > 0
     assert [(r["load"], r["scenario"]) for r in report["runs"]] == \
-        [(load, s) for load in (0.5, 1.0) for s in bench.SCENARIOS]  # fmt: skip
+        [(load, s) for load in (0.5, 1.0) for s in SCENARIOS]  # fmt: skip
     for run in report["runs"]:
         assert run["errors"] == 0, run["error_statuses"]
         assert run["requests"] == len(run["results"]) >= 4
         assert all(r["ttft_ms"] is not None and r["budget_ms"] > 0 and r["met"] is not None for r in run["results"])
-        expected = {"always-base": {"smoke@bf16"}, "always-fastest": {"smoke@int8"},
+        expected = {"always-base": {"smoke@bf16"}, "always-fastest": {"smoke@int8"}, "pin:int8": {"smoke@int8"},
                     "round-robin": {"smoke@bf16", "smoke@int8"}}.get(run["scenario"])  # fmt: skip
         if expected:
             assert set(run["variants"]) == expected
     assert set(report["headline"]) == {"0.5", "1.0"}
+    for headline in report["headline"].values():  # the best of always-*, pin:*, with a paired interval
+        assert headline["best_single"] in ("always-base", "always-fastest", "pin:int8")
+        low, high = headline["goodput_ratio_ci95"]
+        assert low is None or low <= headline["goodput_ratio"] <= high
     assert "| 1.0x | router |" in (tmp_path / "bench-smoke.md").read_text()
     for name in ("attainment", "goodput", "latency-cdf", "routing-mix"):
         assert (tmp_path / f"bench-smoke-{name}.png").stat().st_size > 1000

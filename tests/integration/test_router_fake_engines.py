@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -234,3 +235,49 @@ def test_engines_on_one_device_price_each_other_engines_on_another_do_not() -> N
         assert int8["e2e_ms"] == pytest.approx(2 * int8["idle_e2e_ms"], rel=0.05)  # half the GPU's time
         int4 = rows["dev@int4"]["predicted"]
         assert int4["e2e_ms"] == pytest.approx(int4["idle_e2e_ms"], rel=0.05)
+
+
+def test_rungs_of_one_simulated_device_take_turns_not_traffic_together(tmp_path) -> None:
+    """Two FakeEngines simulate one device (each token costs 1 + busy others times its own). Under a
+    steady mix of tight budgets (only int8 meets them: the base needs ~430 ms for 20 tokens alone) and
+    loose ones (both meet them), the router makes int8 the device's active rung and sends the loose
+    requests there too while the device is busy, instead of starting the base beside it."""
+    device = tmp_path / "gpu-0"
+    device.mkdir()
+    fakes = {
+        "sim@bf16": {"tpot_ms": 20, "device_dir": str(device), "spec": {"method": "base", "device": "gpu-0"}},
+        "sim@int8": {"tpot_ms": 8, "device_dir": str(device),
+                     "spec": {"method": "int8", "bits": 8, "ppl_delta": 0.02, "device": "gpu-0"}},
+    }  # fmt: skip
+    routing = {"shared_device": {"evaluate_every_s": 0.25, "window_s": 5, "min_dwell_s": 0}}
+    with fake_fleet(fakes, "router-fakes-sim", QUANTGATE_ROUTING=json.dumps(routing),
+                    QUANTGATE_LOAD_SCRAPE_INTERVAL_S="0.25") as (gateway, _):  # fmt: skip
+        served: list[tuple[float, str, str]] = []  # (sent at, budget, variant)
+
+        async def client(budget: str, until: float) -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                while time.monotonic() < until:
+                    sent = time.monotonic()
+                    r = await http.post(f"{gateway.url}/v1/chat/completions",
+                                        json={"model": "sim", "messages": HELLO, "max_tokens": 20},
+                                        headers={"Authorization": f"Bearer {API_KEY}",
+                                                 "x-latency-budget-ms": budget})  # fmt: skip
+                    assert r.status_code == 200, r.text
+                    served.append((sent, budget, r.headers["x-quantgate-variant"]))
+
+        async def load(seconds: float) -> None:
+            until = time.monotonic() + seconds
+            await asyncio.gather(*(client(b, until) for b in ("350", "350", "5000", "5000")))
+
+        started = time.monotonic()
+        asyncio.run(load(6))
+        view = admin(gateway, "GET", "/admin/routing/sim").json()
+        regime = {d["device"]: d for d in view["devices"]}["gpu-0"]
+        assert regime["active"] == "sim@int8", regime
+        rungs = {r["variant"]: r for r in regime["rungs"]}
+        assert rungs["sim@int8"]["attainment"] > rungs["sim@bf16"]["attainment"], regime
+        assert view["recommendation"]["gpu-0"]["resident"] == ["sim@int8"]
+        # Once the first evaluation has seen the traffic (a second in), loose requests stay on int8.
+        loose = [v for at, b, v in served if b == "5000" and at > started + 1.5]
+        assert len(loose) >= 10 and loose.count("sim@int8") >= 0.9 * len(loose), Counter(loose)
+        assert all(v == "sim@int8" for at, b, v in served if b == "350" and at > started + 1.5)

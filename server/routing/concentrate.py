@@ -1,0 +1,225 @@
+"""Concentrate, don't spread: on a device shared by several rungs, one rung is active at a time.
+
+Engines on one device time-share it: each decode step reads that engine's own weights, so two to
+four engines decoding in turn cost about the sum of their steps. On one H200 the router spread
+requests over four rungs and every one of them ran 2.6-4.8x slower than alone; each single rung
+beat it (the shared-device router issue). So, per model and device group:
+
+    every `evaluate_every_s`, over the requests of the last `window_s`:
+      rate   = arrivals per second (shared evenly when the model's rungs sit on several devices)
+      for each serving rung r with priors on the device:
+        N_r          = the concurrency all of that traffic would keep on r alone (Little's law,
+                       N = rate x e2e_r(N), solved by fixed-point iteration; no solution below
+                       `max_concurrency`: r would saturate)
+        attainment_r = share of the window's budgets r is predicted to meet at N_r (0 saturated)
+        value_r      = attainment_r - quality_weight x (r's ppl delta in percent)
+      active = the rung of the highest value, kept until another beats it by `hysteresis`
+               and the active one has held for `min_dwell_s` (at once if it stops serving)
+
+The router then treats the other rungs of that device as standby: they take a request only when
+their engine and the whole device are idle and the traffic expected during that request, at the
+window's rate, is below `spill_max_overlap`; that is when taking it costs nobody anything
+(`server/routing/filters/shared_device.py`).
+
+Pure: the caller passes `now` and the latency models; no clocks, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.catalog import Variant, accuracy_key
+from server.routing.types import EngineLoad, Prediction, RequestFeatures
+
+Predict = Callable[[str, int, int, EngineLoad], Prediction | None]  # variant id, prompt, output, load
+
+
+class SharedDeviceConfig(BaseModel):
+    """How rungs that share one device take traffic (RoutingConfig.shared_device)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    policy: Literal["concentrate", "spread"] = Field(
+        "concentrate", description="concentrate: one active rung per device; spread: every rung scored per request")
+    window_s: float = Field(30.0, ge=1.0, le=3600.0, description="the recent traffic the active rung is chosen on")
+    max_samples: int = Field(256, ge=8, le=10_000, description="most recent requests the outlook is computed over")
+    evaluate_every_s: float = Field(1.0, ge=0.05, le=600.0)
+    hysteresis: float = Field(0.05, ge=0.0, le=1.0, description="value a rung must gain over the active one to switch")
+    min_dwell_s: float = Field(10.0, ge=0.0, le=3600.0, description="the least time a rung stays active")
+    quality_weight: float = Field(
+        0.01, ge=0.0, le=1.0, description="budget attainment given up per percent of ppl delta")
+    spill_max_overlap: float = Field(
+        0.5, ge=0.0, le=1000.0,
+        description="a standby rung takes a request on an idle device when fewer arrivals than this are expected "
+                    "while it runs")
+    max_concurrency: int = Field(1024, ge=1, le=1_000_000, description="concurrency beyond which a rung saturates")
+
+
+@dataclass(frozen=True)
+class RungOutlook:
+    """What one rung would do with the device's recent traffic to itself."""
+
+    variant_id: str
+    concurrency: float | None  # None: saturated
+    attainment: float
+    value: float
+
+
+@dataclass(frozen=True)
+class DeviceRegime:
+    device: str
+    active: str | None
+    since: float
+    switches: int
+    rate_rps: float
+    outlooks: tuple[RungOutlook, ...] = ()
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return {"device": self.device, "active": self.active, "since": self.since, "switches": self.switches,
+                "rate_rps": round(self.rate_rps, 3), "reason": self.reason,
+                "rungs": [{"variant": o.variant_id, "attainment": round(o.attainment, 4),
+                           "concurrency": None if o.concurrency is None else round(o.concurrency, 2),
+                           "value": round(o.value, 4)} for o in self.outlooks]}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Arrival:
+    at: float
+    features: RequestFeatures
+
+
+@dataclass
+class Concentrator:
+    """The active rung of each device group of one model."""
+
+    config: SharedDeviceConfig
+    arrivals: deque[Arrival] = field(default_factory=deque)
+    regimes: dict[str, DeviceRegime] = field(default_factory=dict)
+    evaluated_at: float | None = None
+
+    def arrive(self, features: RequestFeatures, now: float) -> None:
+        self.arrivals.append(Arrival(now, features))
+        self._trim(now)
+
+    def due(self, now: float) -> bool:
+        return self.evaluated_at is None or now - self.evaluated_at >= self.config.evaluate_every_s
+
+    def active(self, device: str) -> str | None:
+        regime = self.regimes.get(device)
+        return regime.active if regime else None
+
+    def rate(self, device: str) -> float:
+        regime = self.regimes.get(device)
+        return regime.rate_rps if regime else 0.0
+
+    def evaluate(self, rungs: Sequence[tuple[Variant, str]], predict: Predict, now: float) -> None:
+        """Re-choose each device's active rung. `rungs`: the model's serving rungs with their device."""
+        self.evaluated_at = now
+        self._trim(now)
+        by_device: dict[str, list[Variant]] = {}
+        for variant, device in rungs:
+            if device:
+                by_device.setdefault(device, []).append(variant)
+        for gone in set(self.regimes) - set(by_device):
+            del self.regimes[gone]
+        if self.config.policy != "concentrate":
+            self.regimes.clear()
+            return
+        span = self._span(now)
+        rate = len(self.arrivals) / span / max(len(by_device), 1) if span else 0.0
+        sample = [a.features for a in list(self.arrivals)[-self.config.max_samples:]]
+        for device, variants in by_device.items():
+            outlooks = [o for o in (self._outlook(v, rate, sample, predict) for v in variants) if o is not None]
+            self.regimes[device] = self._choose(device, variants, outlooks, rate, now)
+
+    def _trim(self, now: float) -> None:
+        while self.arrivals and now - self.arrivals[0].at > self.config.window_s:
+            self.arrivals.popleft()
+
+    def _span(self, now: float) -> float:
+        """Seconds the window's arrivals cover: the whole window once it is full, else since the first."""
+        if not self.arrivals:
+            return 0.0
+        return min(self.config.window_s, max(now - self.arrivals[0].at, 1.0))
+
+    def _outlook(self, variant: Variant, rate: float, sample: list[RequestFeatures],
+                 predict: Predict) -> RungOutlook | None:  # fmt: skip
+        if variant.method != "base" and variant.ppl_delta is None:
+            return None  # unmeasured quality: never made active
+        penalty = self.config.quality_weight * 100 * (variant.ppl_delta or 0.0)
+        if not sample:
+            probe = predict(variant.id, 64, 128, EngineLoad())
+            return None if probe is None else RungOutlook(variant.id, 0.0, 1.0, 1.0 - penalty)
+        prompt = sum(f.prompt_tokens for f in sample) / len(sample)
+        output = sum(f.output_tokens for f in sample) / len(sample)
+        concurrency = self._concurrency(variant.id, rate, prompt, output, predict)
+        if concurrency is False:
+            return None
+        if concurrency is None:
+            return RungOutlook(variant.id, None, 0.0, -penalty)
+        load = EngineLoad(running=concurrency) if concurrency > 0 else EngineLoad()  # type: ignore[arg-type]
+        judged = met = 0
+        for features in sample:
+            if not features.budget.any:
+                continue
+            judged += 1
+            prediction = predict(variant.id, features.prompt_tokens, features.output_tokens, load)
+            met += prediction is not None and prediction.fits(features.budget)
+        attainment = met / judged if judged else 1.0
+        return RungOutlook(variant.id, concurrency, attainment, attainment - penalty)
+
+    def _concurrency(self, variant_id: str, rate: float, prompt: float, output: float,
+                     predict: Predict) -> float | None | Literal[False]:  # fmt: skip
+        """Requests in flight on the rung if it took all the traffic: the least N = rate x e2e(N).
+        False without priors; None when it saturates."""
+        idle = predict(variant_id, round(prompt), round(output), EngineLoad())
+        if idle is None:
+            return False
+        n = rate * idle.e2e_ms / 1000
+        for _ in range(100):
+            if n > self.config.max_concurrency:
+                return None
+            loaded = predict(variant_id, round(prompt), round(output), EngineLoad(running=n))  # type: ignore[arg-type]
+            nxt = rate * loaded.e2e_ms / 1000 if loaded else n
+            if abs(nxt - n) < 0.01:
+                return nxt
+            n = nxt
+        return None  # still climbing: as good as saturated
+
+    def _choose(self, device: str, variants: list[Variant], outlooks: list[RungOutlook], rate: float,
+                now: float) -> DeviceRegime:  # fmt: skip
+        previous = self.regimes.get(device)
+        accuracy = {v.id: accuracy_key(v) for v in variants}
+        if not outlooks:
+            return DeviceRegime(device, None, now, previous.switches if previous else 0, rate, (), "no rung has priors")
+        best = min(outlooks, key=lambda o: (-o.value, accuracy[o.variant_id]))
+        current = next((o for o in outlooks if previous and o.variant_id == previous.active), None)
+        switches = previous.switches if previous else 0
+        summary = ", ".join(f"{o.variant_id.split('@')[-1]} {o.attainment:.0%}" for o in outlooks)
+        what = f"at {rate:.2f} req/s, predicted budgets met if it took them all: {summary}"
+        if current is None:
+            return DeviceRegime(device, best.variant_id, now, switches + (previous is not None), rate,
+                                tuple(outlooks), f"{best.variant_id} has the best value {what}")  # fmt: skip
+        held = now - previous.since  # type: ignore[union-attr]
+        if (best.variant_id != current.variant_id and best.value > current.value + self.config.hysteresis
+                and held >= self.config.min_dwell_s):
+            return DeviceRegime(device, best.variant_id, now, switches + 1, rate, tuple(outlooks),
+                                f"{best.variant_id} beat {current.variant_id} by {best.value - current.value:.2f} "
+                                f"{what}")  # fmt: skip
+        return DeviceRegime(device, current.variant_id, previous.since, switches, rate,  # type: ignore[union-attr]
+                            tuple(outlooks), f"{current.variant_id} stays active {what}")
+
+
+def standby_map(concentrator: Concentrator, available: Mapping[str, str]) -> dict[str, bool]:
+    """For each available rung (variant id -> device): True when another rung of its device is the
+    active one and is available itself."""
+    out = {}
+    for variant_id, device in available.items():
+        active = concentrator.active(device) if device else None
+        out[variant_id] = active is not None and active != variant_id and active in available
+    return out

@@ -1,0 +1,189 @@
+"""The shared-device policy (server/routing/concentrate.py) over snapshots: one active rung per device,
+chosen from the recent budgets and load with hysteresis; standby rungs take a request only when that
+costs nobody anything."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from pydantic import ValidationError
+
+from server.catalog import Variant
+from server.routing.concentrate import Concentrator, SharedDeviceConfig, standby_map
+from server.routing.config import RoutingConfig
+from server.routing.predictor import LatencyPriors, VariantLatency
+from server.routing.router import Router
+from server.routing.types import Budget, Candidate, EngineLoad, RequestFeatures
+
+BASE = Variant("m", "bf16", "base", 16, ppl_delta=0.0)
+INT8 = Variant("m", "int8", "int8", 8, ppl_delta=0.015)
+INT4 = Variant("m", "int4", "int4-gptq", 4, ppl_delta=0.20)
+UNMEASURED = Variant("m", "new", "int8", 8)
+# The base: 20 ms/token alone, batching well; int8: 8 ms/token alone, 24 ms at 64.
+LATENCY = {
+    BASE.id: VariantLatency(LatencyPriors(prefill_fixed_ms=20, prefill_per_token_ms=0.1,
+                                          step_ms=((1, 20.0), (16, 30.0), (64, 60.0)))),
+    INT8.id: VariantLatency(LatencyPriors(prefill_fixed_ms=10, prefill_per_token_ms=0.05,
+                                          step_ms=((1, 8.0), (16, 12.0), (64, 24.0)))),
+    INT4.id: VariantLatency(LatencyPriors(prefill_fixed_ms=10, prefill_per_token_ms=0.05,
+                                          step_ms=((1, 6.0), (16, 10.0), (64, 20.0)))),
+    UNMEASURED.id: VariantLatency(LatencyPriors(prefill_fixed_ms=1, prefill_per_token_ms=0.01, step_ms=((1, 1.0),))),
+}  # fmt: skip
+
+
+def predict(variant_id: str, prompt: int, output: int, load: EngineLoad):
+    latency = LATENCY.get(variant_id)
+    return latency.predict(prompt, output, load) if latency else None
+
+
+def feats(e2e_ms: float | None = None, prompt: int = 100, output: int = 100) -> RequestFeatures:
+    return RequestFeatures(prompt, output, Budget(e2e_ms=e2e_ms, source="request" if e2e_ms else "none"))
+
+
+def traffic(concentrator: Concentrator, rate_rps: float, seconds: float, budget_ms: float | None,
+            start: float = 0.0) -> float:  # fmt: skip
+    """Arrivals at a steady rate; returns the time of the last one."""
+    n = int(rate_rps * seconds)
+    for i in range(n):
+        concentrator.arrive(feats(budget_ms), start + i / rate_rps)
+    return start + (n - 1) / rate_rps
+
+
+ON_ONE_GPU = [(BASE, "gpu-0"), (INT8, "gpu-0")]
+
+
+def test_busy_tight_traffic_makes_the_fast_rung_active() -> None:
+    # 100 tokens: the base needs ~2.0 s alone, int8 ~0.8 s; budgets of 1.2 s only int8 meets.
+    c = Concentrator(SharedDeviceConfig())
+    now = traffic(c, 10, 30, 1200)
+    c.evaluate(ON_ONE_GPU, predict, now)
+    regime = c.regimes["gpu-0"]
+    assert regime.active == INT8.id
+    outlook = {o.variant_id: o for o in regime.outlooks}
+    assert outlook[INT8.id].attainment == 1.0 and outlook[BASE.id].attainment == 0.0
+    # Little's law with int8's loaded steps: N = 10/s x (0.79 s + 27 ms x N) -> ~10.8 in flight
+    assert outlook[INT8.id].concurrency == pytest.approx(10.8, rel=0.1)
+    assert regime.rate_rps == pytest.approx(10, rel=0.05)
+
+
+def test_loose_or_no_budgets_make_the_most_accurate_rung_active() -> None:
+    for budget in (None, 60_000):
+        c = Concentrator(SharedDeviceConfig())
+        now = traffic(c, 2, 30, budget)
+        c.evaluate(ON_ONE_GPU, predict, now)
+        assert c.active("gpu-0") == BASE.id, budget
+
+
+def test_a_rung_that_cannot_keep_up_is_saturated_and_never_chosen_for_it() -> None:
+    # At 25 req/s the base's steps grow faster than it drains (no fixed point of Little's law); int8 keeps up.
+    c = Concentrator(SharedDeviceConfig())
+    now = traffic(c, 25, 10, None)
+    c.evaluate(ON_ONE_GPU, predict, now)
+    outlook = {o.variant_id: o for o in c.regimes["gpu-0"].outlooks}
+    assert outlook[BASE.id].concurrency is None and outlook[BASE.id].attainment == 0.0
+    assert c.active("gpu-0") == INT8.id
+
+
+def test_quality_weight_trades_attainment_for_ppl() -> None:
+    # Budgets only int4 meets at this load: int4's +20 % costs 0.2 of attainment at the default
+    # weight, which it still wins by; with a heavy weight for quality int8 stays.
+    rungs = [(INT8, "gpu-0"), (INT4, "gpu-0")]
+    light = Concentrator(SharedDeviceConfig())
+    heavy = Concentrator(SharedDeviceConfig(quality_weight=0.1))
+    for c in (light, heavy):
+        now = traffic(c, 5, 30, 750)
+        c.evaluate(rungs, predict, now)
+    assert light.active("gpu-0") == INT4.id
+    assert heavy.active("gpu-0") == INT8.id
+
+
+def test_switching_waits_for_hysteresis_and_dwell_but_not_for_a_rung_that_stopped() -> None:
+    c = Concentrator(SharedDeviceConfig(window_s=10, min_dwell_s=10))
+    t = traffic(c, 2, 10, None)
+    c.evaluate(ON_ONE_GPU, predict, t)
+    assert c.active("gpu-0") == BASE.id
+    # Tight budgets arrive: int8 is better by far, but the base has held for only 3 s.
+    t = traffic(c, 10, 3, 1200, start=t + 0.05)
+    c.evaluate(ON_ONE_GPU, predict, t)
+    assert c.active("gpu-0") == BASE.id and c.regimes["gpu-0"].switches == 0
+    t = traffic(c, 10, 10, 1200, start=t + 0.05)
+    c.evaluate(ON_ONE_GPU, predict, t)
+    assert c.active("gpu-0") == INT8.id and c.regimes["gpu-0"].switches == 1
+    # Loose budgets now, and int8 stays within the hysteresis of the base's value (0.015 apart).
+    t = traffic(c, 2, 20, 60_000, start=t + 0.05)
+    c.evaluate(ON_ONE_GPU, predict, t)
+    assert c.active("gpu-0") == INT8.id
+    # int8 stops serving: the base at once.
+    c.evaluate([(BASE, "gpu-0")], predict, t + 0.1)
+    assert c.active("gpu-0") == BASE.id and c.regimes["gpu-0"].switches == 2
+
+
+def test_each_device_gets_its_own_regime_and_unmeasured_rungs_are_never_active() -> None:
+    c = Concentrator(SharedDeviceConfig())
+    now = traffic(c, 20, 30, 1200)
+    c.evaluate([(BASE, "gpu-0"), (INT8, "gpu-0"), (UNMEASURED, "gpu-1"), (INT4, "gpu-1")], predict, now)
+    assert c.active("gpu-0") == INT8.id and c.active("gpu-1") == INT4.id
+    # Traffic is shared evenly over the model's two devices.
+    assert c.rate("gpu-0") == pytest.approx(10, rel=0.05)
+
+
+def test_spread_policy_keeps_no_regime() -> None:
+    c = Concentrator(SharedDeviceConfig(policy="spread"))
+    now = traffic(c, 20, 30, 1200)
+    c.evaluate(ON_ONE_GPU, predict, now)
+    assert c.regimes == {} and standby_map(c, {BASE.id: "gpu-0", INT8.id: "gpu-0"}) == {BASE.id: False,
+                                                                                          INT8.id: False}
+
+
+def test_standby_only_while_the_active_rung_can_take_the_request() -> None:
+    c = Concentrator(SharedDeviceConfig())
+    now = traffic(c, 10, 30, 1200)
+    c.evaluate(ON_ONE_GPU + [(INT4, "gpu-1")], predict, now)
+    available = {BASE.id: "gpu-0", INT8.id: "gpu-0", INT4.id: "gpu-1"}
+    assert standby_map(c, available) == {BASE.id: True, INT8.id: False, INT4.id: False}
+    # int8 full or not serving: nothing on its device is held back.
+    assert standby_map(c, {BASE.id: "gpu-0", INT4.id: "gpu-1"}) == {BASE.id: False, INT4.id: False}
+
+
+def candidates(shared: bool, busy: bool, rate: float) -> list[Candidate]:
+    """The base and int8 either on one device (int8 active, the base standby) or on two."""
+    out = []
+    for variant in (BASE, INT8):
+        device = "gpu-0" if shared or variant is BASE else "gpu-1"
+        load = EngineLoad(in_flight=4 if busy and variant is INT8 else 0, device=device,
+                          device_peers_busy=1 if busy and shared and variant is BASE else 0)  # fmt: skip
+        prediction = predict(variant.id, 100, 100, load)
+        standby = shared and variant is BASE
+        out.append(Candidate(variant, True, load, prediction, standby=standby, device_rate_rps=rate if standby else 0))
+    return out
+
+
+@pytest.mark.parametrize(("shared", "busy", "rate", "picked"), [
+    (False, True, 5.0, BASE.id),   # two devices: the base is free, and the most accurate to meet 10 s
+    (True, True, 5.0, INT8.id),    # one device, int8 active and busy: the base would slow it down
+    (True, False, 0.1, BASE.id),   # one device, idle, little traffic expected meanwhile: the base, for free
+    (True, False, 5.0, INT8.id),   # idle now, but ~10 arrivals expected during the base's 2 s
+])  # fmt: skip
+def test_one_device_and_two_devices_give_different_picks(shared: bool, busy: bool, rate: float, picked: str) -> None:
+    router = Router(RoutingConfig())
+    decision = router.route(feats(10_000), candidates(shared, busy, rate))
+    assert decision.variant.id == picked
+    assert {c.variant.id for c in decision.fallbacks} | {picked} == {BASE.id, INT8.id}
+
+
+def test_a_budget_only_the_standby_rung_meets_is_degraded_to_the_active_one() -> None:
+    # On one busy device with int8 active, a request int8 cannot meet is served degraded by int8
+    # instead of starting the base beside it.
+    slow_int8 = [replace(c, prediction=replace(c.prediction, e2e_ms=9e9)) if c.variant is INT8 else c
+                 for c in candidates(True, True, 5.0)]  # fmt: skip
+    decision = Router(RoutingConfig()).route(feats(5_000), slow_int8)
+    assert decision.variant.id == INT8.id and decision.reason == "degraded"
+
+
+def test_shared_device_config_is_checked() -> None:
+    with pytest.raises(ValidationError):
+        RoutingConfig(shared_device={"policy": "herd"})
+    with pytest.raises(ValidationError):
+        RoutingConfig(shared_device={"hysteresis": -1})
+    assert RoutingConfig(shared_device={"policy": "spread"}).shared_device.policy == "spread"
