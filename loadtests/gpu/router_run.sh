@@ -8,6 +8,10 @@ set -uo pipefail
 OUT=${1:?out dir}
 W=/tmp/gpu-bench
 mkdir -p "$OUT" "$W"
+# Progress reaches OUT while the call runs: two earlier calls ran out their 600 s with nothing back.
+( while sleep 15; do { cat "$W/engines.txt"; for f in "$W"/engine-*.log "$W/gateway.log"; do
+    [ -f "$f" ] && { echo "== $f"; tail -4 "$f"; }; done; nvidia-smi --query-gpu=memory.used --format=csv;
+  } > "$OUT/progress.txt" 2>&1; done ) &
 PARALLEL=1 bash loadtests/gpu/engines.sh "$W"
 cp "$W/engines.txt" "$OUT/" 2>/dev/null
 SCENARIOS=${SCENARIOS:-pin:bf16,pin:fp8,pin:int8,pin:w4a16,round-robin,least-loaded,router} LOADS=${LOADS:-0.5,1.0} \
