@@ -88,14 +88,13 @@ class Gateway:
             self._concentrators[model] = Concentrator(self.settings.routing_for(model).shared_device)
         return self._concentrators[model]
 
-    def evaluate_concentrators(self, now: float, force: bool = False) -> None:
+    def evaluate_concentrators(self, now: float) -> None:
         """Re-choose the active rung of every shared device whose evaluation is due (off the request path)."""
-        serving = self.serving_variant_ids()
-        device = {s.variant_id: s.device for s in self.supervisor.statuses()}
+        serving = {s.variant_id: s.device for s in self.supervisor.statuses() if s.serving}
         for model in self.catalog.models():
             concentrator = self.concentrator(model.name)
-            if force or concentrator.due(now):
-                rungs = [(v, device.get(v.id, "")) for v in model.variants if v.servable and v.id in serving]
+            if concentrator.due(now):
+                rungs = [(v, serving[v.id]) for v in model.variants if v.servable and v.id in serving]
                 concentrator.evaluate(rungs, self._predict, now)
 
     async def run_concentrators(self, interval_s: float = 0.25) -> None:

@@ -121,15 +121,15 @@ class Concentrator:
         """Re-choose each device's active rung. `rungs`: the model's serving rungs with their device."""
         self.evaluated_at = now
         self._trim(now)
+        if self.config.policy != "concentrate":
+            self.regimes.clear()
+            return
         by_device: dict[str, list[Variant]] = {}
         for variant, device in rungs:
             if device:
                 by_device.setdefault(device, []).append(variant)
         for gone in set(self.regimes) - set(by_device):
             del self.regimes[gone]
-        if self.config.policy != "concentrate":
-            self.regimes.clear()
-            return
         span = self._span(now)
         rate = len(self.arrivals) / span / max(len(by_device), 1) if span else 0.0
         sample = [a.features for a in list(self.arrivals)[-self.config.max_samples:]]
@@ -151,15 +151,14 @@ class Concentrator:
                  predict: Predict) -> RungOutlook | None:  # fmt: skip
         if variant.method != "base" and variant.ppl_delta is None:
             return None  # unmeasured quality: never made active
+        if predict(variant.id, 1, 1, EngineLoad()) is None:
+            return None  # no priors yet
         penalty = self.config.quality_weight * 100 * (variant.ppl_delta or 0.0)
         if not sample:
-            probe = predict(variant.id, 64, 128, EngineLoad())
-            return None if probe is None else RungOutlook(variant.id, 0.0, 1.0, 1.0 - penalty)
+            return RungOutlook(variant.id, 0.0, 1.0, 1.0 - penalty)
         prompt = sum(f.prompt_tokens for f in sample) / len(sample)
         output = sum(f.output_tokens for f in sample) / len(sample)
         concurrency = self._concurrency(variant.id, rate, prompt, output, predict)
-        if concurrency is False:
-            return None
         if concurrency is None:
             return RungOutlook(variant.id, None, 0.0, -penalty)
         load = EngineLoad(running=concurrency) if concurrency > 0 else EngineLoad()  # type: ignore[arg-type]
@@ -174,13 +173,11 @@ class Concentrator:
         return RungOutlook(variant.id, concurrency, attainment, attainment - penalty)
 
     def _concurrency(self, variant_id: str, rate: float, prompt: float, output: float,
-                     predict: Predict) -> float | None | Literal[False]:  # fmt: skip
-        """Requests in flight on the rung if it took all the traffic: the least N = rate x e2e(N).
-        False without priors; None when it saturates."""
+                     predict: Predict) -> float | None:  # fmt: skip
+        """Requests in flight on the rung if it took all the traffic: the least N = rate x e2e(N);
+        None when it saturates. The rung has priors."""
         idle = predict(variant_id, round(prompt), round(output), EngineLoad())
-        if idle is None:
-            return False
-        n = rate * idle.e2e_ms / 1000
+        n = rate * idle.e2e_ms / 1000  # type: ignore[union-attr]
         for _ in range(100):
             if n > self.config.max_concurrency:
                 return None

@@ -49,11 +49,11 @@ class Router:
         if not eligible:
             return Decision(None, None, "no-variant", "none")
         preferred = [c for c in eligible if self.shared_device.keep(c, features)] or eligible
+        held_back = _fastest_first([c for c in eligible if c not in preferred])  # last in the retry order
         fitting = [c for c in preferred if self.budget_filter.keep(c, features)]
         if fitting:
             ranked = self._rank(fitting, features)
-            rest = _fastest_first([c for c in preferred if c not in fitting])
-            rest += _fastest_first([c for c in eligible if c not in preferred])
+            rest = _fastest_first([c for c in preferred if c not in fitting]) + held_back
             best, _ = ranked[0]
             within = features.budget.any
             return Decision(best.variant, best.prediction, "within-budget" if within else "no-budget",
@@ -62,7 +62,7 @@ class Router:
                             scores=tuple((c.variant.id, s) for c, s in ranked))  # fmt: skip
         if self.config.policy_for(features.tier) == "reject":
             return Decision(None, None, "rejected", "none", retry_after_s=self._retry_after(eligible))
-        fastest = _fastest_first(preferred) + _fastest_first([c for c in eligible if c not in preferred])
+        fastest = _fastest_first(preferred) + held_back
         return Decision(fastest[0].variant, fastest[0].prediction, "degraded", "degraded",
                         fallbacks=tuple(fastest[1:]))
 
