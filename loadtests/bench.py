@@ -6,17 +6,22 @@ more than the base variant's capacity.
     python -m loadtests.bench --gateway http://127.0.0.1:8000 --model llama-3.1-8b --label h100
 
 1. Variants and their quality from GET /v1/models (ppl delta; ppl where the registry measured it).
-2. Budgets: each request's budget is its factor (0.6x-3x) times the base's predicted idle latency for
-   its size (GET /admin/routing/{model}, taken before any load), so budgets are tight or loose
-   relative to the machine at hand. The fastest variant is the one with the lowest predicted idle
-   latency for the median request.
+2. Budgets: each request's budget is its factor (0.6x-3x) times the base's idle latency for its
+   size, measured here before any load (`--budgets measured`: requests one at a time to each variant,
+   TTFT fitted linear in the prompt, plus the median inter-token gap per output token), not taken
+   from the router's own predictor (`--budgets predicted` reads GET /admin/routing instead). So
+   budgets are tight or loose relative to the machine at hand. The fastest variant is the one with
+   the lowest idle latency for the median request.
 3. Capacity: closed loop on the base (`--capacity-concurrency` users) for `--capacity-s`; the base
    capacity in requests/s for this trace's lengths.
-4. For each load (x capacity) and each scenario: the seeded trace, open loop, streamed; a request
-   meets its budget when its measured end-to-end latency is within it. Goodput = budgets met per
-   second of trace.
+4. For each trace seed, each load (x capacity) and each scenario: the seeded trace, open loop,
+   streamed; a request meets its budget when its measured end-to-end latency is within it. Goodput =
+   budgets met per second of trace. Ratios pool the seeds, with a paired bootstrap interval.
+5. The predictor's error: what the gateway predicted (x-quantgate-predicted-* headers) against what
+   the client measured, per load and variant, median and p90 of the relative error.
 
-Writes bench-<label>.json (every request) and bench-<label>.md, and plots (loadtests/plots.py).
+Writes bench-<label>.json (every request) and bench-<label>.md after every run (a cut-short run keeps
+what it measured), and plots at the end (loadtests/plots.py).
 A measurement, not a test.
 """
 
@@ -45,6 +50,8 @@ from loadtests.local import local_gateway
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = ("always-base", "always-fastest", "round-robin", "least-loaded", "router")
+# The default: every ready variant pinned ("singles" expands to pin:<each>), the two load balancers, the router.
+DEFAULT_SCENARIOS = ("singles", "round-robin", "least-loaded", "router")
 ADMIN_HEADERS: dict[str, str] = {}  # Authorization for /admin/* when the gateway has an admin key
 
 
@@ -63,12 +70,80 @@ def predicted_idle(http: httpx.Client, model: str, prompt_tokens: int, output_to
 
 
 def set_budgets(http: httpx.Client, model: str, base: str, trace: list[harness.TraceRequest]) -> None:
+    """Budgets from the router's own prediction of the base's idle latency (`--budgets predicted`)."""
     cache: dict[tuple[int, int], dict[str, float]] = {}
     for r in trace:
         key = (r.prompt_tokens, r.max_tokens)
         if key not in cache:
             cache[key] = predicted_idle(http, model, *key)
         r.budget_ms = r.budget_factor * cache[key][base]
+
+
+@dataclasses.dataclass(frozen=True)
+class IdleFit:
+    """A variant's idle latency as measured here: TTFT linear in the prompt, then one median
+    inter-token gap per further output token."""
+
+    ttft_ms_intercept: float
+    ttft_ms_per_prompt_token: float
+    itl_ms: float
+    samples: int
+
+    def e2e_ms(self, prompt_tokens: int, output_tokens: int) -> float:
+        ttft = self.ttft_ms_intercept + self.ttft_ms_per_prompt_token * prompt_tokens
+        return max(ttft, 0.0) + max(output_tokens - 1, 0) * self.itl_ms
+
+
+def idle_sample(trace: list[harness.TraceRequest], n: int) -> list[harness.TraceRequest]:
+    """n requests spread over the trace's prompt lengths (quantiles), so the TTFT fit sees short and long."""
+    ordered = sorted(trace, key=lambda r: r.prompt_tokens)
+    picks = {round(i * (len(ordered) - 1) / max(n - 1, 1)) for i in range(n)}
+    return [dataclasses.replace(ordered[i], budget_ms=None, tier="default") for i in sorted(picks)]
+
+
+async def measure_idle(url: str, variant: str, sample: list[harness.TraceRequest],
+                       headers: dict[str, str]) -> IdleFit:  # fmt: skip
+    """The sample sent one at a time to `variant` (pinned), nothing else in flight from here."""
+    results = []
+    async with harness.client(4) as http:
+        for request in [sample[len(sample) // 2], *sample]:  # the first one warms the path up, not counted
+            results.append(await harness.send(http, url, variant, request, "idle", time.perf_counter(), headers))
+    ok = [(req, r) for req, r in zip(sample, results[1:], strict=True)
+          if r.status == 200 and r.error is None and r.ttft_ms is not None]  # fmt: skip
+    if len(ok) < 2:
+        raise SystemExit(f"idle measurement of {variant}: {len(ok)} of {len(sample)} answered "
+                         f"({[r.error for r in results if r.error][:2]})")  # fmt: skip
+    xs = [float(req.prompt_tokens) for req, _ in ok]
+    ys = [r.ttft_ms for _, r in ok]
+    if len(set(xs)) > 1:
+        slope, intercept = statistics.linear_regression(xs, ys)
+    else:
+        slope, intercept = 0.0, statistics.median(ys)
+    gaps = [gap for _, r in ok for gap in r.itl_ms]
+    return IdleFit(intercept, max(slope, 0.0), statistics.median(gaps) if gaps else 0.0, len(ok))
+
+
+def predictor_error(runs: list[dict]) -> list[dict]:
+    """Per load and variant, over every answered request that carried the gateway's prediction: the
+    relative error |predicted - measured| / measured of TTFT and e2e (median and p90) and its sign
+    (median of predicted / measured - 1: negative = optimistic)."""
+    groups: dict[tuple[float, str], list[dict]] = {}
+    for run in runs:
+        for r in run["results"]:
+            if r["status"] == 200 and not r.get("error") and r.get("predicted_e2e_ms") is not None and r["variant"]:
+                groups.setdefault((run["load"], r["variant"]), []).append(r)
+    rows = []
+    for (load, variant), results in sorted(groups.items()):
+        row = {"load": load, "variant": variant, "requests": len(results)}
+        for kind in ("ttft", "e2e"):
+            pairs = [(r[f"predicted_{kind}_ms"], r[f"{kind}_ms"]) for r in results
+                     if r.get(f"predicted_{kind}_ms") is not None and r.get(f"{kind}_ms")]  # fmt: skip
+            relative = [abs(p - m) / m for p, m in pairs]
+            row[f"{kind}_abs_rel_error_p50"] = harness.percentile(relative, 0.5)
+            row[f"{kind}_abs_rel_error_p90"] = harness.percentile(relative, 0.9)
+            row[f"{kind}_bias_p50"] = statistics.median(p / m - 1 for p, m in pairs) if pairs else None
+        rows.append(row)
+    return rows
 
 
 class LeastLoaded:
@@ -131,27 +206,46 @@ def replay(pool: ProcessPoolExecutor | None, processes: int, url: str, requests:
     return sorted(results, key=lambda r: r.index)
 
 
-def run(args: argparse.Namespace, url: str) -> dict:
+def run(args: argparse.Namespace, url: str, out: Path | None = None) -> dict:
+    """Every seed x load x scenario; the report so far is written to `out` after each run."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     if args.admin_key:
         ADMIN_HEADERS["Authorization"] = f"Bearer {args.admin_key}"
+    specs = [harness.TraceSpec(requests=args.max_requests, seed=seed, arrival=args.arrival,
+                               prompt_median=args.prompt_median, output_median=args.output_median,
+                               prompt_max=args.prompt_max, output_max=args.output_max)
+             for seed in args.seeds]  # fmt: skip
+    traces = {spec.seed: harness.make_trace(spec) for spec in specs}
+    first = traces[args.seeds[0]]
+    median = sorted(first, key=lambda r: r.prompt_tokens + r.max_tokens)[len(first) // 2]
     with httpx.Client(base_url=url, timeout=60, trust_env=False, headers=headers) as http:
         variants = discover(http, args.model)
         base = next(v["id"] for v in variants if v["method"] == "base")
-        spec = harness.TraceSpec(requests=args.max_requests, seed=args.seed, arrival=args.arrival,
-                                 prompt_median=args.prompt_median, output_median=args.output_median,
-                                 prompt_max=args.prompt_max, output_max=args.output_max)  # fmt: skip
-        trace = harness.make_trace(spec)
-        set_budgets(http, args.model, base, trace)
-        median = sorted(trace, key=lambda r: r.prompt_tokens + r.max_tokens)[len(trace) // 2]
-        idle = predicted_idle(http, args.model, median.prompt_tokens, median.max_tokens)
+        ladder = [v["id"] for v in variants]
+        scenarios = [x for s in args.scenarios
+                     for x in ([f"pin:{v.split('@', 1)[1]}" for v in ladder] if s == "singles" else [s])]  # fmt: skip
+        predicted = predicted_idle(http, args.model, median.prompt_tokens, median.max_tokens)
+        fits: dict[str, IdleFit] = {}
+        if args.budgets == "predicted":
+            for trace in traces.values():
+                set_budgets(http, args.model, base, trace)
+            idle = predicted
+        else:
+            sample = idle_sample(first, args.idle_samples)
+            for variant in ladder:  # the base first: its fit sets every budget
+                fits[variant] = asyncio.run(measure_idle(url, variant, sample if variant == base
+                                                         else sample[:: 2], headers))  # fmt: skip
+                print(f"idle {variant}: {fits[variant]}", flush=True)
+            for trace in traces.values():
+                for r in trace:
+                    r.budget_ms = r.budget_factor * fits[base].e2e_ms(r.prompt_tokens, r.max_tokens)
+            idle = {v: fit.e2e_ms(median.prompt_tokens, median.max_tokens) for v, fit in fits.items()}
     fastest = min(idle, key=idle.get)
-    ladder = [v["id"] for v in variants]
     ppl_delta = {v["id"]: v.get("ppl_delta") or 0.0 for v in variants}
     ppl = {v["id"]: v["ppl"] for v in variants if v.get("ppl")}
-    print(f"variants {ladder}; base {base}; fastest (predicted idle, median request) {fastest}", flush=True)
+    print(f"variants {ladder}; base {base}; fastest (idle, median request) {fastest}", flush=True)
 
-    capacity_trace = harness.make_trace(dataclasses.replace(spec, requests=4096, seed=args.seed + 1))
+    capacity_trace = harness.make_trace(dataclasses.replace(specs[0], requests=4096, seed=args.seeds[0] + 1000))
     for r in capacity_trace:
         r.tier = "default"
     started = time.perf_counter()
@@ -160,59 +254,86 @@ def run(args: argparse.Namespace, url: str) -> dict:
     capacity = len(results) / (time.perf_counter() - started)
     print(f"base capacity: {capacity:.2f} req/s at {args.capacity_concurrency} concurrent", flush=True)
 
-    runs = []
+    report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "label": args.label,
+              "command": "python -m loadtests.bench " + " ".join(sys.argv[1:]),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "model": args.model,
+              "variants": variants, "base": base, "fastest": fastest, "budgets": args.budgets,
+              "idle_ms_median_request": idle, "idle_predicted_ms_median_request": predicted,
+              "idle_fits": {v: dataclasses.asdict(f) for v, f in fits.items()},
+              "capacity_rps": capacity, "capacity_concurrency": args.capacity_concurrency,
+              "trace": specs[0].__dict__, "seeds": args.seeds, "compact": args.compact, "runs": []}  # fmt: skip
     pool = (ProcessPoolExecutor(args.client_processes, mp_context=multiprocessing.get_context("spawn"))
             if args.client_processes > 1 else None)  # fmt: skip
-    for load in args.loads:
+    for seed, load, scenario in itertools.product(args.seeds, args.loads, scenarios):
         rate = load * capacity
         n = max(4, min(args.max_requests, round(rate * args.seconds_per_run)))
-        requests = trace[:n]
+        requests = traces[seed][:n]
         span = requests[-1].at_unit / rate
-        for scenario in args.scenarios:
-            time.sleep(args.pause_s)
-            results = replay(pool, args.client_processes, url, requests, rate, scenario,
-                             (args.model, base, fastest, ladder), headers)  # fmt: skip
-            summary = harness.summarize(results, span, ppl or None)
-            answered = [r for r in results if r.variant in ppl_delta]
-            summary["quality_weighted_ppl_delta"] = (statistics.fmean(ppl_delta[r.variant] for r in answered)
-                                                     if answered else None)  # fmt: skip
-            records = harness.as_dicts(results)
-            if args.compact:  # per-token gaps dominate the file; the summaries keep their percentiles
-                for record in records:
-                    record.pop("itl_ms")
-            runs.append({"scenario": scenario, "load": load, "rate_rps": rate, "span_s": span, **summary,
-                         "results": records})  # fmt: skip
-            print(f"load {load:>4}x ({rate:6.2f} req/s, {n} req)  {scenario:<15} attainment "
-                  f"{summary['budget_attainment']:.0%}  goodput {summary['goodput_rps']:.2f}/s  "
-                  f"ttft p50 {summary['ttft_ms_p50']}  e2e p50 {summary['e2e_ms_p50']}  {summary['variants']}",
-                  flush=True)  # fmt: skip
+        time.sleep(args.pause_s)
+        results = replay(pool, args.client_processes, url, requests, rate, scenario,
+                         (args.model, base, fastest, ladder), headers)  # fmt: skip
+        summary = harness.summarize(results, span, ppl or None)
+        answered = [r for r in results if r.variant in ppl_delta]
+        summary["quality_weighted_ppl_delta"] = (statistics.fmean(ppl_delta[r.variant] for r in answered)
+                                                 if answered else None)  # fmt: skip
+        records = harness.as_dicts(results)
+        if args.compact:  # per-token gaps dominate the file; the summaries keep their percentiles
+            for record in records:
+                record.pop("itl_ms")
+        report["runs"].append({"seed": seed, "scenario": scenario, "load": load, "rate_rps": rate, "span_s": span,
+                               **summary, "results": records})  # fmt: skip
+        print(f"seed {seed} load {load:>4}x ({rate:6.2f} req/s, {n} req)  {scenario:<15} attainment "
+              f"{summary['budget_attainment']:.0%}  goodput {summary['goodput_rps']:.2f}/s  "
+              f"ttft p50 {summary['ttft_ms_p50']}  e2e p50 {summary['e2e_ms_p50']}  {summary['variants']}",
+              flush=True)  # fmt: skip
+        if out is not None:
+            write(report, out, draw=False)
     if pool is not None:
         pool.shutdown()
-    return {"date": dt.datetime.now().isoformat(timespec="seconds"), "label": args.label,
-            "command": "python -m loadtests.bench " + " ".join(sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "model": args.model,
-            "variants": variants, "base": base, "fastest": fastest, "idle_predicted_ms_median_request": idle,
-            "capacity_rps": capacity, "capacity_concurrency": args.capacity_concurrency,
-            "trace": spec.__dict__, "compact": args.compact, "runs": runs}  # fmt: skip
+    return report
 
 
 def headline(report: dict) -> dict:
-    """Router goodput vs the best single variant at each load, and its quality cost."""
+    """Router goodput vs the best single variant at each load, pooled over the trace seeds (budgets met
+    over trace seconds), with a paired bootstrap interval, and the router's quality cost."""
     out = {}
     for load in sorted({r["load"] for r in report["runs"]}):
-        at = {r["scenario"]: r for r in report["runs"] if r["load"] == load}
-        singles = [at[s] for s in at if s in ("always-base", "always-fastest") or s.startswith("pin:")]
-        if "router" not in at or not singles:
+        at: dict[str, list[dict]] = {}
+        for r in report["runs"]:
+            if r["load"] == load:
+                at.setdefault(r["scenario"], []).append(r)
+        seeds = {r.get("seed", 0) for runs in at.values() for r in runs}
+        complete = {s: runs for s, runs in at.items() if {r.get("seed", 0) for r in runs} == seeds}
+        pooled = {s: _pooled(runs) for s, runs in complete.items()}
+        singles = [s for s in pooled if s in ("always-base", "always-fastest") or s.startswith("pin:")]
+        if "router" not in pooled or not singles:
             continue
-        best = max(singles, key=lambda r: r["goodput_rps"] or 0)
-        ratio = (at["router"]["goodput_rps"] / best["goodput_rps"]) if best["goodput_rps"] else None
-        low, high = paired_ratio_ci(at["router"]["results"], best["results"])
-        out[str(load)] = {"router_goodput_rps": at["router"]["goodput_rps"], "best_single": best["scenario"],
-                          "best_single_goodput_rps": best["goodput_rps"], "goodput_ratio": ratio,
-                          "goodput_ratio_ci95": [low, high],
-                          "router_ppl_delta": at["router"]["quality_weighted_ppl_delta"],
-                          "best_single_ppl_delta": best["quality_weighted_ppl_delta"]}  # fmt: skip
+        best = max(singles, key=lambda s: pooled[s]["goodput_rps"] or 0)
+        router = pooled["router"]
+        ratio = (router["goodput_rps"] / pooled[best]["goodput_rps"]) if pooled[best]["goodput_rps"] else None
+        low, high = paired_ratio_ci(_keyed(complete["router"]), _keyed(complete[best]))
+        dominated_by = [s for s in singles if (pooled[s]["goodput_rps"] or 0) > (router["goodput_rps"] or 0)
+                        and (pooled[s]["ppl_delta"] or 0) < (router["ppl_delta"] or 0)]  # fmt: skip
+        out[str(load)] = {"seeds": sorted(seeds), "router_goodput_rps": router["goodput_rps"], "best_single": best,
+                          "best_single_goodput_rps": pooled[best]["goodput_rps"], "goodput_ratio": ratio,
+                          "goodput_ratio_ci95": [low, high], "router_ppl_delta": router["ppl_delta"],
+                          "best_single_ppl_delta": pooled[best]["ppl_delta"],
+                          "singles_better_on_both": dominated_by}  # fmt: skip
     return out
+
+
+def _pooled(runs: list[dict]) -> dict:
+    met = sum(round((r["budget_attainment"] or 0) * r["requests"]) for r in runs)
+    span = sum(r["span_s"] for r in runs)
+    answered = sum(r["answered"] for r in runs)
+    deltas = [(r["quality_weighted_ppl_delta"], r["answered"]) for r in runs if r["quality_weighted_ppl_delta"] is not None]
+    return {"goodput_rps": met / span if span else None,
+            "ppl_delta": sum(d * n for d, n in deltas) / answered if deltas and answered else None}  # fmt: skip
+
+
+def _keyed(runs: list[dict]) -> list[dict]:
+    """Each request keyed by (seed, trace index), so the bootstrap pairs the same request across scenarios."""
+    return [{**r, "index": (run.get("seed", 0), r["index"])} for run in runs for r in run["results"]]
 
 
 def paired_ratio_ci(a: list[dict], b: list[dict], resamples: int = 2000, seed: int = 0) -> tuple[float | None, ...]:
@@ -242,41 +363,60 @@ def render(report: dict) -> str:
 
     lines = [f"# Router vs single variants, side by side ({report['label']}, {report['date']})", "",
              f"`{report['command']}` on {report['machine']}; model `{report['model']}`.", "",
-             "| variant | method | ppl delta | predicted idle e2e, median request (ms) |", "|---|---|---|---|"]  # fmt: skip
+             f"Budgets from the base's idle latency, {report.get('budgets', 'predicted')}; trace seeds "
+             f"{report.get('seeds', [0])}.", "",
+             "| variant | method | ppl delta | idle e2e, median request (ms) | predicted by the gateway (ms) |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    idle = report.get("idle_ms_median_request", report["idle_predicted_ms_median_request"])
     for v in report["variants"]:
-        lines.append(f"| {v['id']} | {v['method']} | {f(v.get('ppl_delta'), '+.1%')} | "
+        lines.append(f"| {v['id']} | {v['method']} | {f(v.get('ppl_delta'), '+.1%')} | {f(idle.get(v['id']), '.0f')} | "
                      f"{f(report['idle_predicted_ms_median_request'].get(v['id']), '.0f')} |")  # fmt: skip
     capacity = (f"Base capacity: **{report['capacity_rps']:.2f} req/s** (closed loop, {report['capacity_concurrency']} "
                 f"concurrent). Fastest variant by prediction: `{report['fastest']}`.")
-    header = ("| load | scenario | req | budgets met | goodput req/s | ppl delta (quality-weighted) | TTFT p50 / p99 ms | "
+    header = ("| seed | load | scenario | req | budgets met | goodput req/s | ppl delta (quality-weighted) | TTFT p50 / p99 ms | "
               "ITL p50 / p99 ms | e2e p50 / p99 ms | errors | served |")
-    lines += ["", capacity, "", header, "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", capacity, "", header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
-        lines.append(f"| {r['load']}x | {r['scenario']} | {r['requests']} | {f(r['budget_attainment'], '.0%')} | "
+        lines.append(f"| {r.get('seed', 0)} | {r['load']}x | {r['scenario']} | {r['requests']} | {f(r['budget_attainment'], '.0%')} | "
                      f"{f(r['goodput_rps'], '.2f')} | {f(r['quality_weighted_ppl_delta'], '+.2%')} | "
                      f"{f(r['ttft_ms_p50'], '.0f')} / {f(r['ttft_ms_p99'], '.0f')} | "
                      f"{f(r['itl_ms_p50'], '.1f')} / {f(r['itl_ms_p99'], '.1f')} | "
                      f"{f(r['e2e_ms_p50'], '.0f')} / {f(r['e2e_ms_p99'], '.0f')} | {r['errors']} | "
                      f"{', '.join(f'{k.split(chr(64))[-1]}:{n}' for k, n in sorted(r['variants'].items()))} |")
     lines += ["", "Headline: router goodput over the best single variant run (always-base, always-fastest, pin:*), "
-              "per load; 95% paired bootstrap interval of the ratio (requests resampled by trace index).", "",
-              "| load | router goodput | best single | its goodput | ratio (95% CI) | router ppl delta | its ppl delta |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "per load, pooled over the seeds; 95% paired bootstrap interval of the ratio (requests resampled by "
+              "seed and trace index). Last column: single variants with more goodput and a smaller ppl delta.", "",
+              "| load | router goodput | best single | its goodput | ratio (95% CI) | router ppl delta | its ppl delta | "
+              "better on both |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for load, h in report["headline"].items():
         low, high = h.get("goodput_ratio_ci95") or (None, None)
         lines.append(f"| {load}x | {f(h['router_goodput_rps'], '.2f')} | {h['best_single']} | "
                      f"{f(h['best_single_goodput_rps'], '.2f')} | {f(h['goodput_ratio'], '.2f')} "
                      f"({f(low, '.2f')}-{f(high, '.2f')}) | {f(h['router_ppl_delta'], '+.2%')} | "
-                     f"{f(h.get('best_single_ppl_delta'), '+.2%')} |")  # fmt: skip
+                     f"{f(h.get('best_single_ppl_delta'), '+.2%')} | {', '.join(h.get('singles_better_on_both', [])) or 'none'} |")  # fmt: skip
+    errors = report.get("predictor_error") or []
+    if errors:
+        lines += ["", "Predictor error (every answered request of every scenario at that load; |predicted - measured| / "
+                  "measured, and the median signed error predicted / measured - 1):", "",
+                  "| load | variant | req | TTFT p50 / p90 | TTFT bias | e2e p50 / p90 | e2e bias |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for e in errors:
+            lines.append(f"| {e['load']}x | {e['variant']} | {e['requests']} | "
+                         f"{f(e['ttft_abs_rel_error_p50'], '.0%')} / {f(e['ttft_abs_rel_error_p90'], '.0%')} | "
+                         f"{f(e['ttft_bias_p50'], '+.0%')} | {f(e['e2e_abs_rel_error_p50'], '.0%')} / "
+                         f"{f(e['e2e_abs_rel_error_p90'], '.0%')} | {f(e['e2e_bias_p50'], '+.0%')} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def write(report: dict, out: Path) -> None:
+def write(report: dict, out: Path, draw: bool = True) -> None:
     out.mkdir(parents=True, exist_ok=True)
     report["headline"] = headline(report)
+    report["predictor_error"] = predictor_error(report["runs"])
     (out / f"bench-{report['label']}.json").write_text(json.dumps(report, indent=None if report.get("compact") else 1)
                                                        + "\n")  # fmt: skip
     (out / f"bench-{report['label']}.md").write_text(render(report))
+    if not draw:
+        return
     print(render(report))
     try:
         from loadtests import plots
@@ -294,7 +434,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key")
     p.add_argument("--admin-key", help="for GET /admin/routing (not needed from the gateway's own host without one)")
     p.add_argument("--label", default="cpu")
-    p.add_argument("--scenarios", type=lambda s: s.split(","), default=list(SCENARIOS))
+    p.add_argument("--scenarios", type=lambda s: s.split(","), default=list(DEFAULT_SCENARIOS),
+                   help="always-base, always-fastest, round-robin, least-loaded, router, pin:<variant>, "
+                        "singles (= pin: every ready variant)")
     p.add_argument("--loads", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5, 1.0, 1.5])
     p.add_argument("--seconds-per-run", type=float, default=24.0)
     p.add_argument("--max-requests", type=int, default=400)
@@ -306,7 +448,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-max", type=int, default=512)
     p.add_argument("--output-median", type=int, default=48)
     p.add_argument("--output-max", type=int, default=160)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0],
+                   help="trace seeds, each replayed by every scenario at every load (the issue asks for 3)")
+    p.add_argument("--budgets", choices=["measured", "predicted"], default="measured",
+                   help="the base's idle latency behind each budget: measured here, or the router's prediction")
+    p.add_argument("--idle-samples", type=int, default=16, help="requests per idle measurement of the base (half for others)")
     p.add_argument("--client-processes", type=int, default=1, help="split each open-loop run over this many processes")
     p.add_argument("--compact", action="store_true", help="leave per-token gaps out of the JSON (big runs)")
     p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
@@ -316,17 +462,19 @@ def parser() -> argparse.ArgumentParser:
 def main() -> None:
     args = parser().parse_args()
     if args.gateway:
-        write(run(args, args.gateway.rstrip("/")), args.out)
+        write(run(args, args.gateway.rstrip("/"), args.out), args.out)
         return
-    with local_gateway("bench", 18900 + os.getpid() % 90, args.variants) as (url, _):
+    with local_gateway("bench", 18900 + os.getpid() % 90, args.variants) as (url, built):
+        ready = {v["id"] for v in built if v["state"] == "ready"}
         with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
             deadline = time.monotonic() + 300  # every ready variant profiled and served
             while time.monotonic() < deadline:
                 view = http.get(f"/admin/routing/{args.model}").json()["variants"]
-                if view and all(v["serving"] and v["priors"] for v in view):
+                # every built (ready) variant serving and profiled; rejected ones are listed, never serve
+                if view and all(v["serving"] and v["priors"] for v in view if v["variant"] in ready):
                     break
                 time.sleep(2)
-        write(run(args, url), args.out)
+        write(run(args, url, args.out), args.out)
 
 
 if __name__ == "__main__":

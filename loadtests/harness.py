@@ -3,8 +3,8 @@ per-request record every report is computed from.
 
 A trace is a list of requests with ShareGPT-like lengths (log-normal prompt and output lengths,
 synthesized: nothing is downloaded), arrival offsets (Poisson, or gamma for burstiness), a latency
-budget expressed as a factor of the base variant's predicted idle latency (turned into milliseconds
-by the caller, who knows the machine) and an OpenAI `service_tier`. The same seed gives the same
+budget expressed as a factor of the base variant's idle latency (turned into milliseconds by the
+caller, who measures it on the machine at hand) and an OpenAI `service_tier`. The same seed gives the same
 trace; arrivals are drawn at rate 1 and divided by the target rate, so a load sweep replays the
 same requests, only closer together.
 
@@ -42,7 +42,7 @@ class TraceSpec:
     output_median: int = 48
     output_sigma: float = 0.6
     output_max: int = 160
-    # (factor of the base's predicted idle e2e, weight): tight budgets only a faster variant meets,
+    # (factor of the base's idle e2e, weight): tight budgets only a faster variant meets,
     # loose ones the base meets too.
     budget_factors: tuple[tuple[float, float], ...] = ((0.6, 1), (0.8, 1), (1.0, 1), (1.5, 1), (3.0, 1))
     tiers: tuple[tuple[str, float], ...] = (("default", 0.8), ("priority", 0.1), ("flex", 0.1))
@@ -57,7 +57,7 @@ class TraceRequest:
     max_tokens: int
     budget_factor: float
     tier: str
-    budget_ms: float | None = None  # set by the caller from the base's predicted idle latency
+    budget_ms: float | None = None  # set by the caller from the base's idle latency
 
 
 @dataclass
@@ -77,6 +77,9 @@ class Result:
     tier: str = "default"
     met: bool | None = None
     error: str | None = None
+    # What the gateway predicted for the variant it chose (x-quantgate-predicted-*), for the predictor's error.
+    predicted_ttft_ms: float | None = None
+    predicted_e2e_ms: float | None = None
 
 
 def _lognormal(rng: random.Random, median: int, sigma: float, low: int, high: int) -> int:
@@ -118,6 +121,13 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 async def send(http: httpx.AsyncClient, url: str, model: str, request: TraceRequest, scenario: str,
                t0: float, headers: dict[str, str] | None = None) -> Result:  # fmt: skip
     body = {"model": model, "messages": [{"role": "user", "content": request.prompt}], "max_tokens": request.max_tokens,
@@ -136,6 +146,8 @@ async def send(http: httpx.AsyncClient, url: str, model: str, request: TraceRequ
             result.status = response.status_code
             result.variant = response.headers.get("x-quantgate-variant")
             result.decision = response.headers.get("x-quantgate-budget")
+            result.predicted_ttft_ms = _number(response.headers.get("x-quantgate-predicted-ttft-ms"))
+            result.predicted_e2e_ms = _number(response.headers.get("x-quantgate-predicted-ms"))
             if response.status_code != 200:
                 result.error = (await response.aread()).decode(errors="replace")[:300]
             else:

@@ -101,3 +101,26 @@ def remove(name: str, url: str = typer.Option(None, help="gateway URL")) -> None
     with _client(url) as client:
         _call(client, "DELETE", f"/admin/models/{name}")
     console.print(f"removed {name}")
+
+
+@app.command("routing")
+def routing(name: str, url: str = typer.Option(None, help="gateway URL")) -> None:
+    """What the router does with NAME now: per device its active rung, what each rung would do with
+    the last window's traffic, and which rungs are worth keeping resident (GET /admin/routing/NAME)."""
+    with _client(url) as client:
+        view = _call(client, "GET", f"/admin/routing/{name}")
+    table = Table("device", "rung", "role", "budgets met if it took the traffic", "in flight then", "value", "why")
+    for regime in view["devices"]:
+        advice = view["recommendation"].get(regime["device"], {})
+        resident = set(advice.get("resident", []))
+        for rung in regime["rungs"]:
+            role = "active" if rung["variant"] == regime["active"] else (
+                "keep resident" if rung["variant"] in resident else "could unload")
+            table.add_row(regime["device"], rung["variant"], role, f"{rung['attainment']:.0%}",
+                          _fmt(rung["concurrency"], ".1f") if rung["concurrency"] is not None else "saturates",
+                          f"{rung['value']:.2f}", advice.get("reasons", {}).get(rung["variant"], ""))  # fmt: skip
+    console.print(table)
+    if not view["devices"]:
+        console.print("no shared-device regime yet (no traffic in the window, or `shared_device.policy` is spread)")
+    for device, advice in view["recommendation"].items():
+        console.print(f"{device}: {advice.get('summary') or advice.get('reason')}")

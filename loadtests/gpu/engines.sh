@@ -11,9 +11,14 @@ set -uo pipefail
 LOG=${1:?log dir}
 M=$PWD/.gpu/payload/models
 mkdir -p "$LOG"
+# A missing template path makes every engine exit at start (vLLM reads a path-like string that does not exist as an
+# error), and waiting 300 s for each of four dead engines outlasts a device call: check it first.
+[ -f "$M/llama8b/chat_template.jinja" ] || { echo "no $M/llama8b/chat_template.jinja (copy the tokenizer folder's)" | tee -a "$LOG/engines.txt"; exit 1; }
+declare -A PIDS
 # The tokenizer is SmolLM2's (vocab 49152, as the configs say), chat template included.
+# No prefix caching: every scenario replays the same prompts, and a cache warmed by the last one would flatter the next.
 common=(--load-format dummy --tokenizer "$M/llama8b" --chat-template "$M/llama8b/chat_template.jinja" --max-model-len 2048 --scheduling-policy priority
-        --disable-uvicorn-access-log --host 127.0.0.1)
+        --disable-uvicorn-access-log --host 127.0.0.1 --no-enable-prefix-caching)
 # EAGER=1: no torch.compile / CUDA graphs (~1 min to start instead of ~2; slower decode at small batch).
 if [ "${EAGER:-0}" = 1 ]; then common+=(--enforce-eager); fi
 launch() {  # name port model-dir gpu-share [extra args...]
@@ -23,11 +28,13 @@ launch() {  # name port model-dir gpu-share [extra args...]
   echo "$(date +%T) starting $name" >> "$LOG/engines.txt"
   setsid nohup python3 -m vllm.entrypoints.openai.api_server --model "$M/$dir" --served-model-name "llama-3.1-8b@$name" \
     --port "$port" "${memory[@]}" "${common[@]}" "$@" > "$LOG/engine-$name.log" 2>&1 < /dev/null &
+  PIDS[$name]=$!
 }
 wait_ready() {  # name port
   local name=$1 port=$2
   for _ in $(seq 1 300); do
     if curl -fs "127.0.0.1:$port/health" > /dev/null 2>&1; then echo "$(date +%T) $name ready" >> "$LOG/engines.txt"; return 0; fi
+    kill -0 "${PIDS[$name]}" 2> /dev/null || break  # the engine exited: no use waiting
     sleep 1
   done
   echo "$(date +%T) $name NOT ready" >> "$LOG/engines.txt"; tail -30 "$LOG/engine-$name.log" >> "$LOG/engines.txt"; return 1

@@ -1,18 +1,31 @@
 #!/bin/bash
-# The shared-device router on one H200 in one call (10 minutes): the four engines of engines.sh started at
-# once (PARALLEL=1), the gateway over them as remote engines on one host (one device group), and the router
-# bench against every single variant pinned, round-robin and least-loaded at LOADS, the client split over
-# four processes. Usage (device, repository root, env.sh sourced):
-#   bash loadtests/gpu/router_run.sh OUT
+# The shared-device router on one H200, in stages that each fit one device call (10 minutes); processes
+# started with setsid outlive a call, so the stages run in consecutive calls on the same warm machine.
+#   start: the four engines of engines.sh at once (PARALLEL=1), then the gateway over them as remote
+#          engines on one host (one device group), waiting until every variant is profiled;
+#   bench: the router bench against every single variant pinned, round-robin and least-loaded at
+#          LOADS and SEEDS, the client split over four processes; the report is rewritten after each run.
+#   all:   both (default).
+# Usage (device, repository root, env.sh sourced): bash loadtests/gpu/router_run.sh OUT [start|bench|all]
 set -uo pipefail
 OUT=${1:?out dir}
+STAGE=${2:-all}
 W=/tmp/gpu-bench
 mkdir -p "$OUT" "$W"
 # Progress reaches OUT while the call runs: two earlier calls ran out their 600 s with nothing back.
-( while sleep 15; do { cat "$W/engines.txt"; for f in "$W"/engine-*.log "$W/gateway.log"; do
+( while sleep 15; do { date +%T; cat "$W/engines.txt"; for f in "$W"/engine-*.log "$W/gateway.log"; do
     [ -f "$f" ] && { echo "== $f"; tail -4 "$f"; }; done; nvidia-smi --query-gpu=memory.used --format=csv;
   } > "$OUT/progress.txt" 2>&1; done ) &
-PARALLEL=1 bash loadtests/gpu/engines.sh "$W"
-cp "$W/engines.txt" "$OUT/" 2>/dev/null
-SCENARIOS=${SCENARIOS:-pin:bf16,pin:fp8,pin:int8,pin:w4a16,round-robin,least-loaded,router} LOADS=${LOADS:-0.5,1.0} \
-  SECONDS_PER_RUN=${SECONDS_PER_RUN:-12} CLIENT_PROCESSES=${CLIENT_PROCESSES:-4} OVERHEAD=0 bash loadtests/gpu/bench.sh "$OUT"
+PROGRESS=$!
+if [ "$STAGE" = start ] || [ "$STAGE" = all ]; then
+  PARALLEL=1 bash loadtests/gpu/engines.sh "$W"
+  cp "$W/engines.txt" "$OUT/" 2>/dev/null
+  START_ONLY=1 bash loadtests/gpu/bench.sh "$OUT"
+  curl -fs 127.0.0.1:8000/admin/routing/llama-3.1-8b > "$OUT/routing-start.json"
+fi
+if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
+  SCENARIOS=${SCENARIOS:-pin:bf16,pin:fp8,pin:int8,pin:w4a16,round-robin,least-loaded,router} LOADS=${LOADS:-0.5,1.0} \
+    SECONDS_PER_RUN=${SECONDS_PER_RUN:-20} CLIENT_PROCESSES=${CLIENT_PROCESSES:-4} OVERHEAD=0 bash loadtests/gpu/bench.sh "$OUT"
+  curl -fs 127.0.0.1:8000/admin/routing/llama-3.1-8b > "$OUT/routing-end.json"
+fi
+kill "$PROGRESS" 2>/dev/null

@@ -93,8 +93,9 @@ async def routing(model: str, gateway: GatewayDep, prompt_tokens: int = Query(64
             "predicted": asdict(c.prediction) if c.prediction else None,
         })  # fmt: skip
     regimes = gateway.concentrator(logical.name).regimes
-    return {"model": logical.name, "config": gateway.settings.routing_for(logical.name).model_dump(),
+    config = gateway.settings.routing_for(logical.name)
+    return {"model": logical.name, "config": config.model_dump(),
             "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "variants": rows,
             "devices": [regime.as_dict() for regime in regimes.values()],
-            "recommendation": {device: {"resident": [regime.active] if regime.active else [], "reason": regime.reason}
+            "recommendation": {device: {**regime.recommend(config.shared_device.hysteresis), "reason": regime.reason}
                                for device, regime in regimes.items()}}  # fmt: skip

@@ -13,6 +13,9 @@ beat it (the shared-device router issue). So, per model and device group:
                        `max_concurrency`: r would saturate)
         attainment_r = share of the window's budgets r is predicted to meet at N_r (0 saturated)
         value_r      = attainment_r - quality_weight x (r's ppl delta in percent)
+                       and, when r saturates, less rate / capacity_r too (capacity_r: the most
+                       requests per second r completes at any concurrency), so that when every
+                       rung saturates the one that drains fastest is active, not the most accurate
       active = the rung of the highest value, kept until another beats it by `hysteresis`
                and the active one has held for `min_dwell_s` (at once if it stops serving)
 
@@ -67,6 +70,7 @@ class RungOutlook:
     concurrency: float | None  # None: saturated
     attainment: float
     value: float
+    capacity_rps: float | None = None  # computed for saturated rungs only
 
 
 @dataclass(frozen=True)
@@ -79,11 +83,36 @@ class DeviceRegime:
     outlooks: tuple[RungOutlook, ...] = ()
     reason: str = ""
 
+    def recommend(self, margin: float) -> dict:
+        """The rungs worth keeping resident on this device for the traffic seen: the active one, and any
+        other whose value is within `margin` (the switching hysteresis) of the best, since a small shift
+        in the traffic would make it active; every other rung could be unloaded (or put to sleep) and
+        its memory given to the active rung's KV cache. Each rung with the measured reason."""
+        if self.active is None or not self.outlooks:
+            return {"resident": [], "unload": [], "reasons": {}, "summary": self.reason}
+        best = max(o.value for o in self.outlooks)
+        resident, unload, reasons = [self.active], [], {}
+        for o in sorted(self.outlooks, key=lambda o: -o.value):
+            said = (f"value {o.value:.2f} (predicted budgets met {o.attainment:.0%}"
+                    f"{'' if o.concurrency is not None else ', saturates'})")  # fmt: skip
+            if o.variant_id == self.active:
+                reasons[o.variant_id] = f"active: {said}"
+            elif best - o.value <= margin:
+                resident.append(o.variant_id)
+                reasons[o.variant_id] = f"contender, within {margin:.2f} of the best: {said}"
+            else:
+                unload.append(o.variant_id)
+                reasons[o.variant_id] = f"{best - o.value:.2f} below the best: {said}"
+        summary = (f"keep {self.active} only" if len(resident) == 1 else f"keep {', '.join(resident)}") + \
+            f" at {self.rate_rps:.2f} req/s"
+        return {"resident": resident, "unload": unload, "reasons": reasons, "summary": summary}
+
     def as_dict(self) -> dict:
         return {"device": self.device, "active": self.active, "since": self.since, "switches": self.switches,
                 "rate_rps": round(self.rate_rps, 3), "reason": self.reason,
                 "rungs": [{"variant": o.variant_id, "attainment": round(o.attainment, 4),
                            "concurrency": None if o.concurrency is None else round(o.concurrency, 2),
+                           "capacity_rps": None if o.capacity_rps is None else round(o.capacity_rps, 3),
                            "value": round(o.value, 4)} for o in self.outlooks]}  # fmt: skip
 
 
@@ -159,8 +188,10 @@ class Concentrator:
         prompt = sum(f.prompt_tokens for f in sample) / len(sample)
         output = sum(f.output_tokens for f in sample) / len(sample)
         concurrency = self._concurrency(variant.id, rate, prompt, output, predict)
-        if concurrency is None:
-            return RungOutlook(variant.id, None, 0.0, -penalty)
+        if concurrency is None:  # overloaded: ranked below every rung that keeps up, then by how much it drains
+            capacity = self._capacity(variant.id, prompt, output, predict)
+            overload = rate / capacity if capacity > 0 else float(self.config.max_concurrency)
+            return RungOutlook(variant.id, None, 0.0, -penalty - overload, capacity)
         load = EngineLoad(running=concurrency) if concurrency > 0 else EngineLoad()  # type: ignore[arg-type]
         judged = met = 0
         for features in sample:
@@ -187,6 +218,17 @@ class Concentrator:
                 return nxt
             n = nxt
         return None  # still climbing: as good as saturated
+
+    def _capacity(self, variant_id: str, prompt: float, output: float, predict: Predict) -> float:
+        """The most requests per second the rung completes (N / e2e(N)) over concurrencies 1, 2, 4, ...
+        up to `max_concurrency`. The rung has priors."""
+        best, n = 0.0, 1
+        while n <= self.config.max_concurrency:
+            loaded = predict(variant_id, round(prompt), round(output), EngineLoad(running=n) if n > 1 else EngineLoad())
+            if loaded is not None and loaded.e2e_ms > 0:
+                best = max(best, n * 1000 / loaded.e2e_ms)
+            n *= 2
+        return best
 
     def _choose(self, device: str, variants: list[Variant], outlooks: list[RungOutlook], rate: float,
                 now: float) -> DeviceRegime:  # fmt: skip

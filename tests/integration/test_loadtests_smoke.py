@@ -30,7 +30,8 @@ def test_trace_is_seeded_and_scales_with_the_rate() -> None:
     assert harness.percentile([1, 2, 3, 4], 0.5) == 2 and harness.percentile([], 0.5) is None
 
 
-SCENARIOS = (*bench.SCENARIOS, "pin:int8")
+SCENARIOS = (*bench.SCENARIOS, "singles")
+EXPANDED = (*bench.SCENARIOS, "pin:bf16", "pin:int8")  # "singles": every ready variant pinned
 
 
 def test_least_loaded_picks_the_variant_with_fewest_requests_in_flight() -> None:
@@ -47,31 +48,42 @@ def test_bench_runs_every_scenario_and_load_and_writes_its_report(tmp_path: Path
     with fake_fleet(FAKES, "loadtest-smoke") as (gateway, _):
         args = bench.parser().parse_args([
             "--gateway", gateway.url, "--model", "smoke", "--label", "smoke", "--api-key", API_KEY, "--admin-key", ADMIN_KEY,
-            "--loads", "0.5,1.0", "--seconds-per-run", "2", "--capacity-s", "2", "--capacity-concurrency", "4",
+            "--loads", "0.5,1.0", "--seconds-per-run", "1", "--capacity-s", "1", "--capacity-concurrency", "4",
             "--pause-s", "0", "--output-median", "8", "--output-max", "16", "--max-requests", "40",
             "--out", str(tmp_path), "--client-processes", "2", "--scenarios", ",".join(SCENARIOS),
+            "--seeds", "0,1", "--idle-samples", "6",
         ])  # fmt: skip
-        bench.write(bench.run(args, gateway.url), tmp_path)
+        bench.write(bench.run(args, gateway.url, tmp_path), tmp_path)
     report = json.loads((tmp_path / "bench-smoke.json").read_text())
     assert report["base"] == "smoke@bf16" and report["fastest"] == "smoke@int8"
     assert report["capacity_rps"] > 0
-    assert [(r["load"], r["scenario"]) for r in report["runs"]] == \
-        [(load, s) for load in (0.5, 1.0) for s in SCENARIOS]  # fmt: skip
+    # Budgets from the base's idle latency measured by the bench: the fake's 30 ms TTFT and 20 ms per token.
+    fit = report["idle_fits"]["smoke@bf16"]
+    assert 15 <= fit["itl_ms"] <= 60 and fit["samples"] == 6
+    assert [(r["seed"], r["load"], r["scenario"]) for r in report["runs"]] == \
+        [(seed, load, s) for seed in (0, 1) for load in (0.5, 1.0) for s in EXPANDED]  # fmt: skip
     for run in report["runs"]:
         assert run["errors"] == 0, run["error_statuses"]
         assert run["requests"] == len(run["results"]) >= 4
         assert all(r["ttft_ms"] is not None and r["budget_ms"] > 0 and r["met"] is not None for r in run["results"])
         expected = {"always-base": {"smoke@bf16"}, "always-fastest": {"smoke@int8"}, "pin:int8": {"smoke@int8"},
+                    "pin:bf16": {"smoke@bf16"},
                     "round-robin": {"smoke@bf16", "smoke@int8"}}.get(run["scenario"])  # fmt: skip
         if expected:
             assert set(run["variants"]) == expected
     assert set(report["headline"]) == {"0.5", "1.0"}
-    for headline in report["headline"].values():  # the best of always-*, pin:*, with a paired interval
-        assert headline["best_single"] in ("always-base", "always-fastest", "pin:int8")
+    for headline in report["headline"].values():  # the best of always-*, pin:*, pooled over seeds, paired interval
+        assert headline["seeds"] == [0, 1]
+        assert headline["best_single"] in ("always-base", "always-fastest", "pin:bf16", "pin:int8")
         low, high = headline["goodput_ratio_ci95"]
         assert low is None or low <= headline["goodput_ratio"] <= high
-    assert "| 1.0x | router |" in (tmp_path / "bench-smoke.md").read_text()
-    for name in ("attainment", "goodput", "latency-cdf", "routing-mix"):
+    # The gateway's predictions against the client's measurements, per load and variant.
+    errors = {(e["load"], e["variant"]): e for e in report["predictor_error"]}
+    assert set(errors) == {(load, v) for load in (0.5, 1.0) for v in ("smoke@bf16", "smoke@int8")}
+    assert all(e["e2e_abs_rel_error_p50"] is not None and e["requests"] > 0 for e in errors.values())
+    markdown = (tmp_path / "bench-smoke.md").read_text()
+    assert "| 1 | 1.0x | router |" in markdown and "Predictor error" in markdown
+    for name in ("attainment", "goodput", "latency-cdf", "routing-mix", "tradeoff"):
         assert (tmp_path / f"bench-smoke-{name}.png").stat().st_size > 1000
 
 

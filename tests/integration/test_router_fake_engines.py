@@ -23,6 +23,7 @@ import pytest
 
 from tests.fakes.fleet import fake_fleet
 from tests.integration.gateway_process import API_KEY, GatewayProcess, admin, wait_for
+from tests.integration.registry_steps import cli
 
 FAKES = {
     "fake@bf16": {"tpot_ms": 40, "spec": {"method": "base"}},
@@ -277,6 +278,9 @@ def test_rungs_of_one_simulated_device_take_turns_not_traffic_together(tmp_path)
         rungs = {r["variant"]: r for r in regime["rungs"]}
         assert rungs["sim@int8"]["attainment"] > rungs["sim@bf16"]["attainment"], regime
         assert view["recommendation"]["gpu-0"]["resident"] == ["sim@int8"]
+        assert view["recommendation"]["gpu-0"]["unload"] == ["sim@bf16"]
+        shown = cli(gateway, "routing", "sim", timeout_s=60)
+        assert shown.returncode == 0 and "keep sim@int8 only" in shown.stdout, shown.stdout + shown.stderr
         # Once the first evaluation has seen the traffic (a second in), loose requests stay on int8.
         loose = [v for at, b, v in served if b == "5000" and at > started + 1.5]
         assert len(loose) >= 10 and loose.count("sim@int8") >= 0.9 * len(loose), Counter(loose)

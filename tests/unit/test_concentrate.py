@@ -85,6 +85,21 @@ def test_a_rung_that_cannot_keep_up_is_saturated_and_never_chosen_for_it() -> No
     assert c.active("gpu-0") == INT8.id
 
 
+def test_when_every_rung_saturates_the_one_that_drains_fastest_is_active() -> None:
+    # 1.5x of the bench's CPU load made both rungs saturate; ranking them by quality alone (0 budgets
+    # met each) made the base active, and it met 19% of the budgets against int8's 44% pinned.
+    c = Concentrator(SharedDeviceConfig())
+    now = traffic(c, 400, 10, 1200)
+    c.evaluate(ON_ONE_GPU, predict, now)
+    outlook = {o.variant_id: o for o in c.regimes["gpu-0"].outlooks}
+    assert outlook[BASE.id].concurrency is None and outlook[INT8.id].concurrency is None
+    # The most each completes (N / e2e(N) over N = 1, 2, 4, ...): int8 ~39 req/s, the base ~15
+    assert outlook[INT8.id].capacity_rps > 2 * outlook[BASE.id].capacity_rps > 0
+    assert c.active("gpu-0") == INT8.id
+    # A rung that keeps up, even meeting no budget, still ranks above one that saturates.
+    assert min(o.value for o in outlook.values()) < -1
+
+
 def test_quality_weight_trades_attainment_for_ppl() -> None:
     # Budgets only int4 meets at this load: int4's +20 % costs 0.2 of attainment at the default
     # weight, which it still wins by; with a heavy weight for quality int8 stays.
@@ -187,3 +202,20 @@ def test_shared_device_config_is_checked() -> None:
     with pytest.raises(ValidationError):
         RoutingConfig(shared_device={"hysteresis": -1})
     assert RoutingConfig(shared_device={"policy": "spread"}).shared_device.policy == "spread"
+
+
+def test_recommendation_keeps_the_active_rung_and_close_contenders_resident() -> None:
+    # Tight busy traffic: int8 meets every budget, the base none: keep int8 only, unload the base.
+    c = Concentrator(SharedDeviceConfig())
+    c.evaluate(ON_ONE_GPU, predict, traffic(c, 10, 30, 1200))
+    advice = c.regimes["gpu-0"].recommend(margin=0.05)
+    assert advice["resident"] == [INT8.id] and advice["unload"] == [BASE.id]
+    assert advice["reasons"][INT8.id].startswith("active") and "0.98 below the best" in advice["reasons"][BASE.id]
+    assert advice["summary"].startswith(f"keep {INT8.id} only")
+    # Loose budgets at a low rate: both meet them all; the base is active, int8 (0.015 below it in
+    # value, from its ppl) is a contender only when the margin covers that.
+    c = Concentrator(SharedDeviceConfig())
+    c.evaluate(ON_ONE_GPU, predict, traffic(c, 1, 30, 60_000))
+    assert c.regimes["gpu-0"].recommend(margin=0.01)["resident"] == [BASE.id]
+    assert c.regimes["gpu-0"].recommend(margin=0.02)["resident"] == [BASE.id, INT8.id]
+    assert Concentrator(SharedDeviceConfig()).regimes.get("gpu-0") is None
