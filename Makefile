@@ -70,11 +70,12 @@ test-full: install tools
 test-fast: install tools
 	$(VENV)/bin/python -m pytest -m "not engine and not full"
 
-# The CPU-sized load tests (~20 min on 2 cores): router vs single variants across loads, then the
-# gateway's overhead vs the engine directly and its proxied throughput over a FakeEngine.
-# Reports (JSON, markdown, PNG) in loadtests/results/<date>/.
+# The CPU-sized load tests (~40 min on 2 cores): router vs every single variant, round-robin and
+# least-loaded across loads, three trace seeds pooled; then the gateway's overhead vs the engine
+# directly and its proxied throughput over a FakeEngine. Reports (JSON, markdown, PNG) in
+# loadtests/results/<date>/.
 bench: install
-	$(VENV)/bin/python -m loadtests.bench
+	$(VENV)/bin/python -m loadtests.bench --seeds 0,1,2 --seconds-per-run 16
 	$(VENV)/bin/python -m loadtests.overhead
 
 # Cold start and gateway overhead for the walking skeleton (prints a table, writes loadtests/results/).

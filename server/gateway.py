@@ -30,11 +30,11 @@ from server.errors import EnginesAtCapacity, EngineUnavailable, GatewayError, No
 from server.metrics import GatewayMetrics
 from server.observations import Call, Observations, Observed
 from server.registry.service import ModelService
-from server.routing.concentrate import Concentrator, Predict, standby_map
+from server.routing.concentrate import Concentrator, device_priced, standby_map
 from server.routing.config import RoutingConfig
-from server.routing.predictor import LatencyBook, RawPrediction, VariantLatency
+from server.routing.predictor import LatencyBook, RawPrediction
 from server.routing.router import Router
-from server.routing.types import Budget, Candidate, Decision, EngineLoad, Prediction, RequestFeatures
+from server.routing.types import Budget, Candidate, Decision, EngineLoad, RequestFeatures
 from server.settings import Settings
 from server.telemetry.engine_load import EngineLoadScraper
 
@@ -95,32 +95,7 @@ class Gateway:
             concentrator = self.concentrator(model.name)
             if concentrator.due(now):
                 rungs = [(v, serving[v.id]) for v in model.variants if v.servable and v.id in serving]
-                concentrator.evaluate(rungs, self._device_predict(concentrator, serving), now)
-
-    def _device_predict(self, concentrator: Concentrator, devices: dict[str, str]) -> Predict:
-        """Predictions for the shared-device outlooks: under load, every rung of a device takes the load
-        correction of the device's active rung, the one measured under the current traffic. Each rung's
-        own load correction says only how the device behaved when that rung last carried traffic; used
-        as is, rungs that have sat idle look better than the one carrying the load (the likely reason
-        the router moved 1x load from int8 to bf16 on one H100 and met fewer budgets than int8 alone)."""
-        shared: dict[str, VariantLatency | None] = {}
-
-        def latency_for(variant_id: str) -> VariantLatency | None:
-            if variant_id not in shared:
-                latency = self.book.get(variant_id)
-                active = concentrator.active(devices.get(variant_id, ""))
-                reference = self.book.get(active) if active and active != variant_id else None
-                if latency is not None and reference is not None:
-                    latency = replace(latency, load_ttft_scale=reference.load_ttft_scale,
-                                      load_tpot_scale=reference.load_tpot_scale)  # fmt: skip
-                shared[variant_id] = latency
-            return shared[variant_id]
-
-        def predict(variant_id: str, prompt_tokens: int, output_tokens: int, load: EngineLoad) -> Prediction | None:
-            latency = latency_for(variant_id)
-            return latency.predict(prompt_tokens, output_tokens, load) if latency is not None else None
-
-        return predict
+                concentrator.evaluate(rungs, device_priced(self.book.get, concentrator, serving), now)
 
     async def run_concentrators(self, interval_s: float = 0.25) -> None:
         while True:

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.catalog import Variant, accuracy_key
+from server.routing.predictor import VariantLatency
 from server.routing.types import EngineLoad, Prediction, RequestFeatures
 
 Predict = Callable[[str, int, int, EngineLoad], Prediction | None]  # variant id, prompt, output, load
@@ -262,3 +263,30 @@ def standby_map(concentrator: Concentrator, available: Mapping[str, str]) -> dic
         active = concentrator.active(device) if device else None
         out[variant_id] = active is not None and active != variant_id and active in available
     return out
+
+
+def device_priced(latency_of: Callable[[str], VariantLatency | None], concentrator: Concentrator,
+                  devices: Mapping[str, str]) -> Predict:  # fmt: skip
+    """Predictions for the outlooks: under load, every rung of a device takes the load correction of
+    the device's active rung, the one measured under the current traffic. A rung's own load correction
+    says only how the device behaved when that rung last carried traffic; used as is, rungs that have
+    sat idle look better than the one carrying the load (the likely reason the router moved 1x load
+    from int8 to bf16 on one H100 and met fewer budgets than int8 alone: loadtests/results/2026-12-05/
+    router-h100.md). `devices`: variant id -> device group."""
+    priced: dict[str, VariantLatency | None] = {}
+
+    def latency(variant_id: str) -> VariantLatency | None:
+        if variant_id not in priced:
+            own = latency_of(variant_id)
+            active = concentrator.active(devices.get(variant_id, ""))
+            reference = latency_of(active) if active and active != variant_id else None
+            if own is not None and reference is not None:
+                own = replace(own, load_ttft_scale=reference.load_ttft_scale, load_tpot_scale=reference.load_tpot_scale)
+            priced[variant_id] = own
+        return priced[variant_id]
+
+    def predict(variant_id: str, prompt_tokens: int, output_tokens: int, load: EngineLoad) -> Prediction | None:
+        found = latency(variant_id)
+        return found.predict(prompt_tokens, output_tokens, load) if found is not None else None
+
+    return predict

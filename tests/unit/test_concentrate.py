@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from server.catalog import Variant
-from server.routing.concentrate import Concentrator, SharedDeviceConfig, standby_map
+from server.routing.concentrate import Concentrator, SharedDeviceConfig, device_priced, standby_map
 from server.routing.config import RoutingConfig
 from server.routing.predictor import LatencyPriors, VariantLatency
 from server.routing.router import Router
@@ -219,3 +219,21 @@ def test_recommendation_keeps_the_active_rung_and_close_contenders_resident() ->
     assert c.regimes["gpu-0"].recommend(margin=0.01)["resident"] == [BASE.id]
     assert c.regimes["gpu-0"].recommend(margin=0.02)["resident"] == [BASE.id, INT8.id]
     assert Concentrator(SharedDeviceConfig()).regimes.get("gpu-0") is None
+
+
+def test_every_rung_of_a_device_is_priced_with_the_active_rungs_load_correction() -> None:
+    # int8 carried the load and learned that the device runs 3x its profile under it; the base sat
+    # idle with a correction of 1.0. Priced as is, the base would look 3x better under load than it is.
+    c = Concentrator(SharedDeviceConfig())
+    c.evaluate(ON_ONE_GPU, predict, traffic(c, 10, 30, 1200))
+    assert c.active("gpu-0") == INT8.id
+    book = {v: replace(latency) for v, latency in LATENCY.items()}
+    book[INT8.id].load_tpot_scale = book[INT8.id].load_ttft_scale = 3.0
+    priced = device_priced(book.get, c, {BASE.id: "gpu-0", INT8.id: "gpu-0", INT4.id: "gpu-1"})
+    busy = EngineLoad(running=8)
+    assert priced(BASE.id, 100, 100, busy).tpot_ms == pytest.approx(3 * book[BASE.id].predict(100, 100, busy).tpot_ms)
+    assert priced(INT8.id, 100, 100, busy) == book[INT8.id].predict(100, 100, busy)
+    # idle predictions, and rungs of another device, keep their own corrections
+    assert priced(BASE.id, 100, 100, EngineLoad()) == book[BASE.id].predict(100, 100, EngineLoad())
+    assert priced(INT4.id, 100, 100, busy) == book[INT4.id].predict(100, 100, busy)
+    assert priced("m@missing", 100, 100, busy) is None
