@@ -16,6 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from loadtests.bench_report import pooled
+
 
 def _pooled(report: dict, key: str) -> dict[str, list[tuple[float, float, float, float]]]:
     """Per scenario, (load, value, low, high) pooled over the trace seeds: goodput is budgets met over
@@ -62,12 +64,10 @@ def _tradeoff(report: dict, path: Path) -> None:
     for ax, load in zip(axes[0], loads, strict=True):
         for scenario in sorted(goodput):
             runs = [r for r in report["runs"] if r["scenario"] == scenario and r["load"] == load]
-            weighted = [(r["quality_weighted_ppl_delta"], r["answered"]) for r in runs
-                        if r["quality_weighted_ppl_delta"] is not None and r["answered"]]  # fmt: skip
+            delta = pooled(runs)["ppl_delta"] if runs else None
             point = next((p for p in goodput[scenario] if p[0] == load), None)
-            if not weighted or point is None:
+            if delta is None or point is None:
                 continue
-            delta = sum(d * n for d, n in weighted) / sum(n for _, n in weighted)
             ax.errorbar([delta * 100], [point[1]], yerr=[[point[1] - point[2]], [point[3] - point[1]]], fmt="o",
                         capsize=3, label=scenario)  # fmt: skip
         ax.set_title(f"{load}x load")
