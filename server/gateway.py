@@ -95,7 +95,12 @@ class Gateway:
             concentrator = self.concentrator(model.name)
             if concentrator.due(now):
                 rungs = [(v, serving[v.id]) for v in model.variants if v.servable and v.id in serving]
-                concentrator.evaluate(rungs, device_priced(self.book.get, concentrator, serving), now)
+                concentrator.evaluate(rungs, device_priced(self.book.get, concentrator, serving), now,
+                                      self._largest_batch)
+
+    def _largest_batch(self, variant_id: str) -> int | None:
+        latency = self.book.get(variant_id)
+        return latency.priors.step_ms[-1][0] if latency is not None and latency.priors.step_ms else None
 
     async def run_concentrators(self, interval_s: float = 0.25) -> None:
         while True:

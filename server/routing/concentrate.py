@@ -6,18 +6,27 @@ requests over four rungs and every one of them ran 2.6-4.8x slower than alone; e
 beat it (the shared-device router issue). So, per model and device group:
 
     every `evaluate_every_s`, over the requests of the last `window_s`:
-      rate   = arrivals per second (shared evenly when the model's rungs sit on several devices)
+      rate   = arrivals per second, the larger of the window's and the last `rate_fast_s`'s (a
+               rise in load is seen within seconds, a fall only as the window empties), shared
+               evenly when the model's rungs sit on several devices
       for each serving rung r with priors on the device:
+        u_r          = the share of the device the arriving prompts' prefill takes on r (rate x
+                       the marginal prefill time of the window's mean prompt); decode steps get
+                       the rest, so they take 1 / (1 - u_r) as long (u_r >= 1: r saturates). A
+                       rung whose kernels step fast but prefill slowly (W4A16 on Hopper prefilled
+                       15x slower per token than INT8) is not mistaken for the fastest under load
         N_r          = the concurrency all of that traffic would keep on r alone (Little's law,
                        N = rate x e2e_r(N), solved by fixed-point iteration; no solution below
                        `max_concurrency`: r would saturate)
         attainment_r = share of the window's budgets r is predicted to meet at N_r (0 saturated)
         value_r      = attainment_r - quality_weight x (r's ppl delta in percent)
                        and, when r saturates, less rate / capacity_r too (capacity_r: the most
-                       requests per second r completes at any concurrency), so that when every
-                       rung saturates the one that drains fastest is active, not the most accurate
+                       requests per second r completes at any concurrency it was profiled at,
+                       prefill included), so that when every rung saturates the one that drains
+                       fastest is active, not the most accurate
       active = the rung of the highest value, kept until another beats it by `hysteresis`
-               and the active one has held for `min_dwell_s` (at once if it stops serving)
+               and the active one has held for `min_dwell_s` (at once if it stops serving, or
+               if it saturates while another would keep up)
 
 The router then treats the other rungs of that device as standby: they take a request only when
 their engine and the whole device are idle and the traffic expected during that request, at the
@@ -41,6 +50,7 @@ from server.routing.predictor import VariantLatency
 from server.routing.types import EngineLoad, Prediction, RequestFeatures
 
 Predict = Callable[[str, int, int, EngineLoad], Prediction | None]  # variant id, prompt, output, load
+LargestBatch = Callable[[str], int | None]  # variant id -> the largest batch its step times were measured at
 
 
 class SharedDeviceConfig(BaseModel):
@@ -61,6 +71,9 @@ class SharedDeviceConfig(BaseModel):
         description="a standby rung takes a request on an idle device when fewer arrivals than this are expected "
                     "while it runs")
     max_concurrency: int = Field(1024, ge=1, le=1_000_000, description="concurrency beyond which a rung saturates")
+    rate_fast_s: float = Field(
+        5.0, ge=0.0, le=3600.0,
+        description="the rate is the larger of the window's and this many seconds' (0: the window's only)")
 
 
 @dataclass(frozen=True)
@@ -147,8 +160,12 @@ class Concentrator:
         regime = self.regimes.get(device)
         return regime.rate_rps if regime else 0.0
 
-    def evaluate(self, rungs: Sequence[tuple[Variant, str]], predict: Predict, now: float) -> None:
-        """Re-choose each device's active rung. `rungs`: the model's serving rungs with their device."""
+    def evaluate(self, rungs: Sequence[tuple[Variant, str]], predict: Predict, now: float,
+                 largest_batch: LargestBatch | None = None) -> None:  # fmt: skip
+        """Re-choose each device's active rung. `rungs`: the model's serving rungs with their device.
+        `largest_batch`: how far each rung's step curve was measured; capacity is judged within it (a
+        step curve extrapolated to 1,024 requests from a noisy profile up to 64 ranked bf16's capacity
+        above fp8's on one H200, and the saturated router made bf16 active at 1x load)."""
         self.evaluated_at = now
         self._trim(now)
         if self.config.policy != "concentrate":
@@ -160,11 +177,11 @@ class Concentrator:
                 by_device.setdefault(device, []).append(variant)
         for gone in set(self.regimes) - set(by_device):
             del self.regimes[gone]
-        span = self._span(now)
-        rate = len(self.arrivals) / span / max(len(by_device), 1) if span else 0.0
+        rate = self._rate(now) / max(len(by_device), 1)
         sample = [a.features for a in list(self.arrivals)[-self.config.max_samples:]]
         for device, variants in by_device.items():
-            outlooks = [o for o in (self._outlook(v, rate, sample, predict) for v in variants) if o is not None]
+            outlooks = [o for o in (self._outlook(v, rate, sample, predict, largest_batch) for v in variants)
+                        if o is not None]  # fmt: skip
             self.regimes[device] = self._choose(device, variants, outlooks, rate, now)
 
     def _trim(self, now: float) -> None:
@@ -177,8 +194,22 @@ class Concentrator:
             return 0.0
         return min(self.config.window_s, max(now - self.arrivals[0].at, 1.0))
 
+    def _rate(self, now: float) -> float:
+        """Arrivals per second: the window's, or the last `rate_fast_s`'s when that is higher."""
+        span = self._span(now)
+        rate = len(self.arrivals) / span if span else 0.0
+        fast = self.config.rate_fast_s
+        if fast > 0 and span > fast:
+            recent = 0
+            for arrival in reversed(self.arrivals):
+                if now - arrival.at >= fast:
+                    break
+                recent += 1
+            rate = max(rate, recent / fast)
+        return rate
+
     def _outlook(self, variant: Variant, rate: float, sample: list[RequestFeatures],
-                 predict: Predict) -> RungOutlook | None:  # fmt: skip
+                 predict: Predict, largest_batch: LargestBatch | None = None) -> RungOutlook | None:  # fmt: skip
         if variant.method != "base" and variant.ppl_delta is None:
             return None  # unmeasured quality: never made active
         if predict(variant.id, 1, 1, EngineLoad()) is None:
@@ -188,9 +219,13 @@ class Concentrator:
             return RungOutlook(variant.id, 0.0, 1.0, 1.0 - penalty)
         prompt = sum(f.prompt_tokens for f in sample) / len(sample)
         output = sum(f.output_tokens for f in sample) / len(sample)
-        concurrency = self._concurrency(variant.id, rate, prompt, output, predict)
-        if concurrency is None:  # overloaded: ranked below every rung that keeps up, then by how much it drains
-            capacity = self._capacity(variant.id, prompt, output, predict)
+        prefill_ms = self._prefill_ms(variant.id, prompt, predict)
+        share = rate * prefill_ms / 1000  # of the device, taken by the arriving prompts' prefill
+        taxed = _taxed(predict, 1.0 - share) if share < 1 else None
+        concurrency = self._concurrency(variant.id, rate, prompt, output, taxed) if taxed else None
+        if concurrency is None or taxed is None:  # overloaded: below every rung that keeps up, then by how it drains
+            capacity = self._capacity(variant.id, prompt, output, predict, prefill_ms,
+                                      largest_batch(variant.id) if largest_batch else None)  # fmt: skip
             overload = rate / capacity if capacity > 0 else float(self.config.max_concurrency)
             return RungOutlook(variant.id, None, 0.0, -penalty - overload, capacity)
         load = EngineLoad(running=concurrency) if concurrency > 0 else EngineLoad()  # type: ignore[arg-type]
@@ -199,7 +234,7 @@ class Concentrator:
             if not features.budget.any:
                 continue
             judged += 1
-            prediction = predict(variant.id, features.prompt_tokens, features.output_tokens, load)
+            prediction = taxed(variant.id, features.prompt_tokens, features.output_tokens, load)
             met += prediction is not None and prediction.fits(features.budget)
         attainment = met / judged if judged else 1.0
         return RungOutlook(variant.id, concurrency, attainment, attainment - penalty)
@@ -220,16 +255,30 @@ class Concentrator:
             n = nxt
         return None  # still climbing: as good as saturated
 
-    def _capacity(self, variant_id: str, prompt: float, output: float, predict: Predict) -> float:
-        """The most requests per second the rung completes (N / e2e(N)) over concurrencies 1, 2, 4, ...
-        up to `max_concurrency`. The rung has priors."""
+    @staticmethod
+    def _prefill_ms(variant_id: str, prompt: float, predict: Predict) -> float:
+        """The device time one arriving prompt's prefill takes: the idle TTFT's part that grows with the
+        prompt (the fixed part is a step the decoders share, not time taken from them)."""
+        one = predict(variant_id, 1, 1, EngineLoad())
+        whole = predict(variant_id, max(round(prompt), 1), 1, EngineLoad())
+        return max(whole.ttft_ms - one.ttft_ms, 0.0) if one and whole else 0.0
+
+    def _capacity(self, variant_id: str, prompt: float, output: float, predict: Predict,
+                  prefill_ms: float = 0.0, largest_batch: int | None = None) -> float:  # fmt: skip
+        """The most requests per second the rung completes over concurrencies 1, 2, 4, ... up to the
+        largest batch it was profiled at (or `max_concurrency`): at N, decoding alone completes
+        N / e2e(N) per second, and each request's prefill takes `prefill_ms` of the device besides
+        (1 / capacity = 1 / decoding + prefill). The rung has priors."""
+        top = min(self.config.max_concurrency, largest_batch or self.config.max_concurrency)
         best, n = 0.0, 1
-        while n <= self.config.max_concurrency:
+        while True:
             loaded = predict(variant_id, round(prompt), round(output), EngineLoad(running=n) if n > 1 else EngineLoad())
             if loaded is not None and loaded.e2e_ms > 0:
-                best = max(best, n * 1000 / loaded.e2e_ms)
-            n *= 2
-        return best
+                decoding = n * 1000 / loaded.e2e_ms
+                best = max(best, 1 / (1 / decoding + prefill_ms / 1000))
+            if n >= top:
+                return best
+            n = min(n * 2, top)
 
     def _choose(self, device: str, variants: list[Variant], outlooks: list[RungOutlook], rate: float,
                 now: float) -> DeviceRegime:  # fmt: skip
@@ -246,13 +295,26 @@ class Concentrator:
             return DeviceRegime(device, best.variant_id, now, switches + (previous is not None), rate,
                                 tuple(outlooks), f"{best.variant_id} has the best value {what}")  # fmt: skip
         held = now - previous.since  # type: ignore[union-attr]
+        escape = current.concurrency is None and best.concurrency is not None  # the active one is drowning
         if (best.variant_id != current.variant_id and best.value > current.value + self.config.hysteresis
-                and held >= self.config.min_dwell_s):
+                and (held >= self.config.min_dwell_s or escape)):
             return DeviceRegime(device, best.variant_id, now, switches + 1, rate, tuple(outlooks),
                                 f"{best.variant_id} beat {current.variant_id} by {best.value - current.value:.2f} "
                                 f"{what}")  # fmt: skip
         return DeviceRegime(device, current.variant_id, previous.since, switches, rate,  # type: ignore[union-attr]
                             tuple(outlooks), f"{current.variant_id} stays active {what}")
+
+
+def _taxed(predict: Predict, left: float) -> Predict:
+    """Predictions whose decode gets only `left` of the device (the rest goes to arriving prefills)."""
+
+    def taxed(variant_id: str, prompt_tokens: int, output_tokens: int, load: EngineLoad) -> Prediction | None:
+        p = predict(variant_id, prompt_tokens, output_tokens, load)
+        if p is None or left >= 1:
+            return p
+        return replace(p, tpot_ms=p.tpot_ms / left, e2e_ms=p.ttft_ms + (p.e2e_ms - p.ttft_ms) / left)
+
+    return taxed
 
 
 def standby_map(concentrator: Concentrator, available: Mapping[str, str]) -> dict[str, bool]:

@@ -62,8 +62,9 @@ def test_busy_tight_traffic_makes_the_fast_rung_active() -> None:
     assert regime.active == INT8.id
     outlook = {o.variant_id: o for o in regime.outlooks}
     assert outlook[INT8.id].attainment == 1.0 and outlook[BASE.id].attainment == 0.0
-    # Little's law with int8's loaded steps: N = 10/s x (0.79 s + 27 ms x N) -> ~10.8 in flight
-    assert outlook[INT8.id].concurrency == pytest.approx(10.8, rel=0.1)
+    # Little's law with int8's loaded steps: N = 10/s x (0.79 s + 27 ms x N) -> ~10.8 in flight, and the
+    # arriving prompts' prefill (10/s x 5 ms: 5% of the device) slows decoding: ~12
+    assert outlook[INT8.id].concurrency == pytest.approx(12.0, rel=0.1)
     assert regime.rate_rps == pytest.approx(10, rel=0.05)
 
 
@@ -237,3 +238,87 @@ def test_every_rung_of_a_device_is_priced_with_the_active_rungs_load_correction(
     assert priced(BASE.id, 100, 100, EngineLoad()) == book[BASE.id].predict(100, 100, EngineLoad())
     assert priced(INT4.id, 100, 100, busy) == book[INT4.id].predict(100, 100, busy)
     assert priced("m@missing", 100, 100, busy) is None
+
+
+def _rung(name: str, ppl: float, prefill_per_token_ms: float, steps: tuple) -> tuple[Variant, VariantLatency]:
+    variant = Variant("m", name, "base" if ppl == 0 else "int8", 16 if ppl == 0 else 8, ppl_delta=ppl)
+    return variant, VariantLatency(LatencyPriors(prefill_fixed_ms=10, prefill_per_token_ms=prefill_per_token_ms,
+                                                 step_ms=steps))  # fmt: skip
+
+
+def test_capacity_is_judged_within_the_profiled_batches() -> None:
+    # One H200's profile (loadtests/results/2026-12-05/router-h200.md): bf16's steps rose little from batch 16
+    # to 64, fp8's more; extrapolated to 1,024 requests bf16 "drained" 2.5x faster and was made active at 1x load.
+    slow, slow_lat = _rung("slow", 0.0, 0.01, ((1, 20.0), (4, 20.5), (16, 21.0)))
+    fast, fast_lat = _rung("fast", 0.005, 0.01, ((1, 8.0), (4, 10.0), (16, 16.0)))
+    book = {slow.id: slow_lat, fast.id: fast_lat}
+
+    def predict2(variant_id, prompt, output, load):
+        return book[variant_id].predict(prompt, output, load)
+
+    rungs = [(slow, "gpu-0"), (fast, "gpu-0")]
+    unbounded, bounded = Concentrator(SharedDeviceConfig()), Concentrator(SharedDeviceConfig())
+    for c in (unbounded, bounded):
+        traffic(c, 200, 10, 1200)
+    unbounded.evaluate(rungs, predict2, 10.0)
+    bounded.evaluate(rungs, predict2, 10.0, largest_batch=lambda _: 16)
+    assert all(o.concurrency is None for o in bounded.regimes["gpu-0"].outlooks)  # both saturate at 200 req/s
+    assert unbounded.active("gpu-0") == slow.id  # the extrapolation's verdict
+    capacity = {o.variant_id: o.capacity_rps for o in bounded.regimes["gpu-0"].outlooks}
+    # Within batch 16: fast completes 16 / (10 ms + 100 x 16 ms) ~ 9.9 req/s, slow 16 / 2.1 s ~ 7.6.
+    assert capacity[fast.id] == pytest.approx(9.9, rel=0.05) and capacity[slow.id] == pytest.approx(7.6, rel=0.05)
+    assert bounded.active("gpu-0") == fast.id
+
+
+def test_prefill_of_arriving_prompts_is_priced_under_load() -> None:
+    # The same decode steps; one rung prefills 40x slower per token (as W4A16 against INT8 on one H200) and
+    # is more accurate. At a trickle it is active; with 500-token prompts at 1.2 req/s its prefill alone
+    # would need the whole device (1.2 x 1,000 ms), so the other one is.
+    steps = ((1, 8.0), (16, 12.0), (64, 24.0))
+    slowfill, slowfill_lat = _rung("slowfill", 0.0, 2.0, steps)
+    quickfill, quickfill_lat = _rung("quickfill", 0.01, 0.05, steps)
+    book = {slowfill.id: slowfill_lat, quickfill.id: quickfill_lat}
+
+    def predict2(variant_id, prompt, output, load):
+        return book[variant_id].predict(prompt, output, load)
+
+    rungs = [(slowfill, "gpu-0"), (quickfill, "gpu-0")]
+
+    def active_at(rate: float) -> Concentrator:
+        c = Concentrator(SharedDeviceConfig())
+        n = int(rate * 30)
+        for i in range(n):
+            c.arrive(RequestFeatures(500, 100, Budget(e2e_ms=60_000, source="request")), i / rate)
+        c.evaluate(rungs, predict2, (n - 1) / rate)
+        return c
+
+    assert active_at(0.1).active("gpu-0") == slowfill.id
+    busy = active_at(1.2)
+    outlook = {o.variant_id: o for o in busy.regimes["gpu-0"].outlooks}
+    assert outlook[slowfill.id].concurrency is None and outlook[quickfill.id].concurrency is not None
+    assert busy.active("gpu-0") == quickfill.id
+    # Below saturation the tax still slows decoding: at 0.6 req/s (60% of the device on prefill) the
+    # predicted concurrency is higher than the untaxed Little's law would give.
+    half = {o.variant_id: o for o in active_at(0.6).regimes["gpu-0"].outlooks}
+    assert half[slowfill.id].concurrency > 1.5 * half[quickfill.id].concurrency
+
+
+def test_a_rise_in_load_is_seen_within_the_fast_span_and_a_drowning_rung_is_left_at_once() -> None:
+    # Ten quiet seconds of loose budgets keep the base active; then 40 req/s of tight ones for 3 s. The 30-s
+    # window's average (6.5 req/s) would hide the rise; the last 5 s show it, and the base, which saturates
+    # at that rate, is left before its dwell is up.
+    c = Concentrator(SharedDeviceConfig(min_dwell_s=60))
+    t = traffic(c, 1, 25, None)
+    c.evaluate(ON_ONE_GPU, predict, t)
+    assert c.active("gpu-0") == BASE.id
+    t = traffic(c, 40, 3, 1200, start=t + 0.05)
+    c.evaluate(ON_ONE_GPU, predict, t)
+    regime = c.regimes["gpu-0"]
+    assert regime.rate_rps > 20
+    assert c.active("gpu-0") == INT8.id and regime.switches == 1
+    slow = Concentrator(SharedDeviceConfig(min_dwell_s=60, rate_fast_s=0))
+    t = traffic(slow, 1, 25, None)
+    slow.evaluate(ON_ONE_GPU, predict, t)
+    t = traffic(slow, 40, 3, 1200, start=t + 0.05)
+    slow.evaluate(ON_ONE_GPU, predict, t)
+    assert slow.regimes["gpu-0"].rate_rps < 10
