@@ -182,6 +182,19 @@ def replay(pool: ProcessPoolExecutor | None, processes: int, url: str, requests:
     return sorted(results, key=lambda r: r.index)
 
 
+def with_warmup(requests: list[harness.TraceRequest], warmup: list[harness.TraceRequest], rate: float,
+                seconds: float) -> tuple[list[harness.TraceRequest], float]:  # fmt: skip
+    """The measured requests preceded by `seconds` of warm-up traffic at the same rate (from another
+    trace, negative indices, left out of every statistic), so that a run is measured in the steady state
+    its load reaches rather than from the state the previous run left (a router that has just seen a
+    trickle starts a run on the rung chosen for it). Returns the requests and the measured ones' offset."""
+    if seconds <= 0:
+        return requests, 0.0
+    shift = seconds * rate  # in at_unit, which counts seconds at 1 request/s
+    head = [dataclasses.replace(r, index=-1 - i) for i, r in enumerate(warmup) if r.at_unit < shift]
+    return head + [dataclasses.replace(r, at_unit=r.at_unit + shift) for r in requests], seconds
+
+
 def run(args: argparse.Namespace, url: str, out: Path | None = None) -> dict:
     """Every seed x load x scenario; the report so far is written to `out` after each run."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -192,6 +205,7 @@ def run(args: argparse.Namespace, url: str, out: Path | None = None) -> dict:
                                prompt_max=args.prompt_max, output_max=args.output_max)
              for seed in args.seeds]  # fmt: skip
     traces = {spec.seed: harness.make_trace(spec) for spec in specs}
+    warmups = {spec.seed: harness.make_trace(dataclasses.replace(spec, seed=spec.seed + 2000)) for spec in specs}
     first = traces[args.seeds[0]]
     median = sorted(first, key=lambda r: r.prompt_tokens + r.max_tokens)[len(first) // 2]
     with httpx.Client(base_url=url, timeout=60, trust_env=False, headers=headers) as http:
@@ -203,7 +217,7 @@ def run(args: argparse.Namespace, url: str, out: Path | None = None) -> dict:
         predicted = predicted_idle(http, args.model, median.prompt_tokens, median.max_tokens)
         fits: dict[str, IdleFit] = {}
         if args.budgets == "predicted":
-            for trace in traces.values():
+            for trace in [*traces.values(), *warmups.values()]:
                 set_budgets(http, args.model, base, trace)
             idle = predicted
         else:
@@ -212,7 +226,7 @@ def run(args: argparse.Namespace, url: str, out: Path | None = None) -> dict:
                 fits[variant] = asyncio.run(measure_idle(url, variant, sample if variant == base
                                                          else sample[:: 2], headers))  # fmt: skip
                 print(f"idle {variant}: {fits[variant]}", flush=True)
-            for trace in traces.values():
+            for trace in [*traces.values(), *warmups.values()]:
                 for r in trace:
                     r.budget_ms = r.budget_factor * fits[base].e2e_ms(r.prompt_tokens, r.max_tokens)
             idle = {v: fit.e2e_ms(median.prompt_tokens, median.max_tokens) for v, fit in fits.items()}
@@ -237,7 +251,8 @@ def run(args: argparse.Namespace, url: str, out: Path | None = None) -> dict:
               "idle_ms_median_request": idle, "idle_predicted_ms_median_request": predicted,
               "idle_fits": {v: dataclasses.asdict(f) for v, f in fits.items()},
               "capacity_rps": capacity, "capacity_concurrency": args.capacity_concurrency,
-              "trace": specs[0].__dict__, "seeds": args.seeds, "compact": args.compact, "runs": []}  # fmt: skip
+              "trace": specs[0].__dict__, "seeds": args.seeds, "warmup_s": args.warmup_s, "compact": args.compact,
+              "runs": []}  # fmt: skip
     pool = (ProcessPoolExecutor(args.client_processes, mp_context=multiprocessing.get_context("spawn"))
             if args.client_processes > 1 else None)  # fmt: skip
     for seed, load, scenario in itertools.product(args.seeds, args.loads, scenarios):
@@ -246,8 +261,10 @@ def run(args: argparse.Namespace, url: str, out: Path | None = None) -> dict:
         requests = traces[seed][:n]
         span = requests[-1].at_unit / rate
         time.sleep(args.pause_s)
-        results = replay(pool, args.client_processes, url, requests, rate, scenario,
+        sent, offset = with_warmup(requests, warmups[seed], rate, args.warmup_s)
+        results = replay(pool, args.client_processes, url, sent, rate, scenario,
                          (args.model, base, fastest, ladder), headers)  # fmt: skip
+        results = [dataclasses.replace(r, sent_at=r.sent_at - offset) for r in results if r.index >= 0]
         summary = harness.summarize(results, span, ppl or None)
         answered = [r for r in results if r.variant in ppl_delta]
         summary["quality_weighted_ppl_delta"] = (statistics.fmean(ppl_delta[r.variant] for r in answered)
@@ -285,6 +302,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-requests", type=int, default=400)
     p.add_argument("--capacity-concurrency", type=int, default=8)
     p.add_argument("--capacity-s", type=float, default=30.0)
+    p.add_argument("--warmup-s", type=float, default=0.0,
+                   help="seconds of unmeasured traffic at the run's rate before its measured requests")
     p.add_argument("--pause-s", type=float, default=3.0, help="quiet time between runs (queues drain)")
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
     p.add_argument("--prompt-median", type=int, default=64)

@@ -4,6 +4,7 @@ files (JSON, markdown, plots) `loadtests/bench.py` writes after every run."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import statistics
@@ -108,7 +109,9 @@ def render(report: dict) -> str:
     lines = [f"# Router vs single variants, side by side ({report['label']}, {report['date']})", "",
              f"`{report['command']}` on {report['machine']}; model `{report['model']}`.", "",
              f"Budgets from the base's idle latency, {report.get('budgets', 'predicted')}; trace seeds "
-             f"{report.get('seeds', [0])}.", "",
+             f"{report.get('seeds', [0])}"
+             + (f"; {report['warmup_s']:g} s of unmeasured traffic at each run's rate before it" if report.get("warmup_s")
+                else "") + ".", "",
              "| variant | method | ppl delta | idle e2e, median request (ms) | predicted by the gateway (ms) |",
              "|---|---|---|---|---|"]  # fmt: skip
     idle = report.get("idle_ms_median_request", report["idle_predicted_ms_median_request"])
@@ -150,6 +153,12 @@ def render(report: dict) -> str:
                          f"{f(e['ttft_bias_p50'], '+.0%')} | {f(e['e2e_abs_rel_error_p50'], '.0%')} / "
                          f"{f(e['e2e_abs_rel_error_p90'], '.0%')} | {f(e['e2e_bias_p50'], '+.0%')} |")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def read(path: Path) -> dict:
+    """A report written by `write`, or the same gzipped (reports with every request are kept as .json.gz)."""
+    raw = path.read_bytes()
+    return json.loads(gzip.decompress(raw) if path.suffix == ".gz" else raw)
 
 
 def write(report: dict, out: Path, draw: bool = True) -> None:

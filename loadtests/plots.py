@@ -1,11 +1,10 @@
 """PNG plots of a bench report (matplotlib, headless).
 
-    python -m loadtests.plots loadtests/results/<date>/bench-cpu.json
+    python -m loadtests.plots loadtests/results/<date>/bench-cpu.json[.gz]
 """
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from collections import defaultdict
@@ -16,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from loadtests.bench_report import pooled
+from loadtests.bench_report import pooled, read
 
 
 def _pooled(report: dict, key: str) -> dict[str, list[tuple[float, float, float, float]]]:
@@ -144,5 +143,5 @@ def bench(report: dict, out: Path) -> list[Path]:
 
 if __name__ == "__main__":
     source = Path(sys.argv[1])
-    for written in bench(json.loads(source.read_text()), source.parent):
+    for written in bench(read(source), source.parent):
         print("wrote", written)

@@ -4,7 +4,8 @@
 #   start: the four engines of engines.sh at once (PARALLEL=1), then the gateway over them as remote
 #          engines on one host (one device group), waiting until every variant is profiled;
 #   bench: the router bench against every single variant pinned, round-robin and least-loaded at
-#          LOADS and SEEDS, the client split over four processes; the report is rewritten after each run.
+#          LOADS and SEEDS, the client split over four processes, WARMUP_S (5) of unmeasured traffic
+#          before each run; the report is rewritten after each run.
 #   all:   both (default).
 # Usage (device, repository root, env.sh sourced): bash loadtests/gpu/router_run.sh OUT [start|bench|all]
 set -uo pipefail
@@ -25,7 +26,11 @@ if [ "$STAGE" = start ] || [ "$STAGE" = all ]; then
 fi
 if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
   SCENARIOS=${SCENARIOS:-pin:bf16,pin:fp8,pin:int8,pin:w4a16,round-robin,least-loaded,router} LOADS=${LOADS:-0.5,1.0} \
-    SECONDS_PER_RUN=${SECONDS_PER_RUN:-20} CLIENT_PROCESSES=${CLIENT_PROCESSES:-4} OVERHEAD=0 bash loadtests/gpu/bench.sh "$OUT"
+    SECONDS_PER_RUN=${SECONDS_PER_RUN:-20} CLIENT_PROCESSES=${CLIENT_PROCESSES:-4} WARMUP_S=${WARMUP_S:-5} OVERHEAD=0 \
+    bash loadtests/gpu/bench.sh "$OUT"
   curl -fs 127.0.0.1:8000/admin/routing/llama-3.1-8b > "$OUT/routing-end.json"
+  # At most 8 files come back: the plots are drawn here from the JSON (python -m loadtests.plots), so the
+  # routing view, the gateway's log tail and the progress come back instead; the JSON travels gzipped.
+  rm -f "$OUT"/*.png; gzip -f "$OUT"/bench-*.json
 fi
 kill "$PROGRESS" 2>/dev/null

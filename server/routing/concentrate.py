@@ -26,7 +26,8 @@ beat it (the shared-device router issue). So, per model and device group:
                        fastest is active, not the most accurate
       active = the rung of the highest value, kept until another beats it by `hysteresis`
                and the active one has held for `min_dwell_s` (at once if it stops serving, or
-               if it saturates while another would keep up)
+               if the gain is `urgent_gain` or more: e.g. it saturates while another would keep
+               up, or the traffic jumped from a trickle the dwell was started on)
 
 The router then treats the other rungs of that device as standby: they take a request only when
 their engine and the whole device are idle and the traffic expected during that request, at the
@@ -61,9 +62,14 @@ class SharedDeviceConfig(BaseModel):
         "concentrate", description="concentrate: one active rung per device; spread: every rung scored per request")
     window_s: float = Field(30.0, ge=1.0, le=3600.0, description="the recent traffic the active rung is chosen on")
     max_samples: int = Field(256, ge=8, le=10_000, description="most recent requests the outlook is computed over")
-    evaluate_every_s: float = Field(1.0, ge=0.05, le=600.0)
+    evaluate_every_s: float = Field(
+        0.5, ge=0.05, le=600.0, description="how often the active rungs are re-chosen (a choice costs ~0.5 ms)")
     hysteresis: float = Field(0.05, ge=0.0, le=1.0, description="value a rung must gain over the active one to switch")
     min_dwell_s: float = Field(10.0, ge=0.0, le=3600.0, description="the least time a rung stays active")
+    urgent_gain: float = Field(
+        0.2, ge=0.0, le=1000.0,
+        description="a gain this large switches before the dwell is up (a rung that saturates while another keeps "
+                    "up loses at least 1)")
     quality_weight: float = Field(
         0.01, ge=0.0, le=1.0, description="budget attainment given up per percent of ppl delta")
     spill_max_overlap: float = Field(
@@ -295,9 +301,9 @@ class Concentrator:
             return DeviceRegime(device, best.variant_id, now, switches + (previous is not None), rate,
                                 tuple(outlooks), f"{best.variant_id} has the best value {what}")  # fmt: skip
         held = now - previous.since  # type: ignore[union-attr]
-        escape = current.concurrency is None and best.concurrency is not None  # the active one is drowning
-        if (best.variant_id != current.variant_id and best.value > current.value + self.config.hysteresis
-                and (held >= self.config.min_dwell_s or escape)):
+        gain = best.value - current.value
+        if (best.variant_id != current.variant_id and gain > self.config.hysteresis
+                and (held >= self.config.min_dwell_s or gain >= self.config.urgent_gain)):
             return DeviceRegime(device, best.variant_id, now, switches + 1, rate, tuple(outlooks),
                                 f"{best.variant_id} beat {current.variant_id} by {best.value - current.value:.2f} "
                                 f"{what}")  # fmt: skip

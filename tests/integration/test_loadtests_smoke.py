@@ -44,6 +44,17 @@ def test_least_loaded_picks_the_variant_with_fewest_requests_in_flight() -> None
         bench.model_for("pin:fp8", "m", "m@bf16", "m@int8", ["m@bf16", "m@int8"])
 
 
+def test_warmup_precedes_the_measured_requests_at_the_same_rate() -> None:
+    spec = harness.TraceSpec(requests=50, seed=0)
+    measured, warm = harness.make_trace(spec), harness.make_trace(harness.TraceSpec(requests=50, seed=7))
+    sent, offset = bench.with_warmup(measured[:10], warm, rate=4.0, seconds=2.0)
+    head = [r for r in sent if r.index < 0]
+    assert offset == 2.0 and head and all(r.at_unit < 8.0 for r in head)  # 2 s at 4 req/s
+    assert [r.index for r in sent if r.index >= 0] == list(range(10))
+    assert [r.at_unit - 8.0 for r in sent if r.index >= 0] == pytest.approx([r.at_unit for r in measured[:10]])
+    assert bench.with_warmup(measured[:10], warm, rate=4.0, seconds=0) == (measured[:10], 0.0)
+
+
 def test_bench_runs_every_scenario_and_load_and_writes_its_report(tmp_path: Path) -> None:
     with fake_fleet(FAKES, "loadtest-smoke") as (gateway, _):
         args = bench.parser().parse_args([
@@ -51,7 +62,7 @@ def test_bench_runs_every_scenario_and_load_and_writes_its_report(tmp_path: Path
             "--loads", "0.5,1.0", "--seconds-per-run", "1", "--capacity-s", "1", "--capacity-concurrency", "4",
             "--pause-s", "0", "--output-median", "8", "--output-max", "16", "--max-requests", "40",
             "--out", str(tmp_path), "--client-processes", "2", "--scenarios", ",".join(SCENARIOS),
-            "--seeds", "0,1", "--idle-samples", "6",
+            "--seeds", "0,1", "--idle-samples", "6", "--warmup-s", "0.5",
         ])  # fmt: skip
         bench.write(bench.run(args, gateway.url, tmp_path), tmp_path)
     report = json.loads((tmp_path / "bench-smoke.json").read_text())
@@ -62,9 +73,11 @@ def test_bench_runs_every_scenario_and_load_and_writes_its_report(tmp_path: Path
     assert 15 <= fit["itl_ms"] <= 60 and fit["samples"] == 6
     assert [(r["seed"], r["load"], r["scenario"]) for r in report["runs"]] == \
         [(seed, load, s) for seed in (0, 1) for load in (0.5, 1.0) for s in EXPANDED]  # fmt: skip
+    assert report["warmup_s"] == 0.5
     for run in report["runs"]:
         assert run["errors"] == 0, run["error_statuses"]
         assert run["requests"] == len(run["results"]) >= 4
+        assert sorted(r["index"] for r in run["results"]) == list(range(run["requests"]))  # no warm-up request
         assert all(r["ttft_ms"] is not None and r["budget_ms"] > 0 and r["met"] is not None for r in run["results"])
         expected = {"always-base": {"smoke@bf16"}, "always-fastest": {"smoke@int8"}, "pin:int8": {"smoke@int8"},
                     "pin:bf16": {"smoke@bf16"},

@@ -115,7 +115,9 @@ def test_quality_weight_trades_attainment_for_ppl() -> None:
 
 
 def test_switching_waits_for_hysteresis_and_dwell_but_not_for_a_rung_that_stopped() -> None:
-    c = Concentrator(SharedDeviceConfig(window_s=10, min_dwell_s=10))
+    # urgent_gain out of reach: only the dwell and the hysteresis decide (the default's urgent switch is
+    # tested below).
+    c = Concentrator(SharedDeviceConfig(window_s=10, min_dwell_s=10, urgent_gain=10))
     t = traffic(c, 2, 10, None)
     c.evaluate(ON_ONE_GPU, predict, t)
     assert c.active("gpu-0") == BASE.id
@@ -303,7 +305,7 @@ def test_prefill_of_arriving_prompts_is_priced_under_load() -> None:
     assert half[slowfill.id].concurrency > 1.5 * half[quickfill.id].concurrency
 
 
-def test_a_rise_in_load_is_seen_within_the_fast_span_and_a_drowning_rung_is_left_at_once() -> None:
+def test_a_rise_in_load_is_seen_within_the_fast_span_and_an_urgent_gain_skips_the_dwell() -> None:
     # Ten quiet seconds of loose budgets keep the base active; then 40 req/s of tight ones for 3 s. The 30-s
     # window's average (6.5 req/s) would hide the rise; the last 5 s show it, and the base, which saturates
     # at that rate, is left before its dwell is up.
