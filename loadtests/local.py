@@ -54,11 +54,13 @@ def bench_home(name: str) -> Path:
     return home
 
 
-def start(home: Path, port: int, variants: str, **extra_env: str) -> subprocess.Popen:
+def start(home: Path, port: int, variants: str, profile_to: Path | None = None, **extra_env: str) -> subprocess.Popen:
+    """`quantgate serve` in its own session; with `profile_to`, under cProfile (written when it exits)."""
     env = {**os.environ, "QUANTGATE_HOME": str(home), "QUANTGATE_PORT": str(port), "QUANTGATE_REGISTRY_PROFILE": "fast",
            "QUANTGATE_DEFAULT_VARIANTS": variants, "QUANTGATE_MAX_PPL_DELTA": "1.0", **extra_env}  # fmt: skip
     log = open(home / "serve.log", "ab")  # noqa: SIM115 - lives as long as the gateway
-    return subprocess.Popen([sys.executable, "-m", "server", "serve"], stdout=log, stderr=subprocess.STDOUT,
+    profiled = ["-m", "cProfile", "-o", str(profile_to)] if profile_to else []
+    return subprocess.Popen([sys.executable, *profiled, "-m", "server", "serve"], stdout=log, stderr=subprocess.STDOUT,
                             env=env, cwd=REPO, start_new_session=True)  # fmt: skip
 
 

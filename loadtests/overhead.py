@@ -110,8 +110,9 @@ def latency_overhead(url: str, model: str, engine_url: str, engine_model: str, c
     return rows
 
 
-def fake_throughput(seconds: float, concurrency: int) -> list[dict]:
-    """A fresh gateway over one zero-latency FakeEngine, closed loop; requests per gateway CPU-second."""
+def fake_throughput(seconds: float, concurrency: int, profile_to: Path | None = None) -> list[dict]:
+    """A fresh gateway over one zero-latency FakeEngine, closed loop; requests per gateway CPU-second.
+    With `profile_to`, the gateway runs under cProfile (slower: its rates are then not the figures)."""
     from server.engines.local import free_loopback_port
 
     fake_port, port = free_loopback_port(), free_loopback_port()
@@ -119,7 +120,7 @@ def fake_throughput(seconds: float, concurrency: int) -> list[dict]:
                              f"--port={fake_port}", "--ttft-ms=0", "--tpot-ms=0", "--max-running=100000"],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     remote = {"fake@bf16": {"url": f"http://127.0.0.1:{fake_port}", "method": "base"}}
-    gateway = start(bench_home("overhead-fake"), port, "", QUANTGATE_EMBEDDED_MODEL="false",
+    gateway = start(bench_home("overhead-fake"), port, "", profile_to, QUANTGATE_EMBEDDED_MODEL="false",
                     QUANTGATE_LOG_LEVEL="warning", QUANTGATE_REMOTE_ENGINES=json.dumps(remote))  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     rows = []
@@ -138,7 +139,9 @@ def fake_throughput(seconds: float, concurrency: int) -> list[dict]:
                          "requests_per_gateway_cpu_s": ok / cpu if cpu else None})  # fmt: skip
             print(f"fake engine, stream={stream}: {ok / wall:.0f} req/s, {ok / cpu:.0f} per gateway CPU-second", flush=True)
     finally:
-        gateway.send_signal(signal.SIGTERM)
+        # uvicorn re-raises the signal it stopped on: SIGTERM would kill the process before cProfile writes,
+        # SIGINT ends it in a KeyboardInterrupt, which lets the profile be written.
+        gateway.send_signal(signal.SIGINT if profile_to else signal.SIGTERM)
         gateway.wait(timeout=60)
         fake.terminate()
         fake.wait(timeout=10)
@@ -167,6 +170,20 @@ async def _closed_loop_plain(url: str, trace: list[harness.TraceRequest], concur
     return statuses
 
 
+def top_entries(profile: Path, n: int = 25) -> list[dict]:
+    """The profile's functions by own time (tottime), with their cumulative time and call counts."""
+    import pstats
+
+    stats = pstats.Stats(str(profile))
+    total = stats.total_tt or 1.0  # type: ignore[attr-defined]
+    rows = []
+    for (file, line, name), (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+        where = file.split("site-packages/")[-1] if "site-packages/" in file else file.replace(str(REPO) + "/", "")
+        rows.append({"function": f"{where}:{line}({name})", "calls": calls, "tottime_s": round(tottime, 3),
+                     "tottime_share": round(tottime / total, 4), "cumtime_s": round(cumtime, 3)})  # fmt: skip
+    return sorted(rows, key=lambda r: -r["tottime_s"])[:n]
+
+
 def _f(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -191,6 +208,14 @@ def render(report: dict) -> str:
         for r in report["fake"]:
             lines.append(f"| {r['stream']} | {r['concurrency']} | {r['requests_per_s']:.0f} | "
                          f"{_f(r['requests_per_gateway_cpu_s'], '.0f')} | {r['errors']} |")  # fmt: skip
+    if report.get("profile"):
+        lines += ["", (f"Where the gateway's CPU time went (cProfile of the gateway process over the FakeEngine "
+                       f"runs, {report['profile']['requests']} requests; top {len(report['profile']['top'])} by own "
+                       "time):"), "",
+                  "| function | calls | own s | share | cumulative s |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in report["profile"]["top"]:
+            lines.append(f"| `{r['function']}` | {r['calls']} | {r['tottime_s']:.3f} | {r['tottime_share']:.1%} | "
+                         f"{r['cumtime_s']:.3f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -214,19 +239,31 @@ def main() -> None:
     p.add_argument("--per-round", type=int, default=16)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--skip-fake", action="store_true")
+    p.add_argument("--fake-only", action="store_true", help="only the FakeEngine throughput (no real engine)")
+    p.add_argument("--profile", action="store_true", help="and a cProfile'd FakeEngine run: its top entries")
     p.add_argument("--fake-seconds", type=float, default=15)
     p.add_argument("--fake-concurrency", type=int, default=64)
     p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
     args = p.parse_args()
-    if args.gateway:
+    if args.fake_only:
+        latency = []
+    elif args.gateway:
         latency = _latency_against(args.gateway.rstrip("/"), args)
     else:
         with local_gateway("overhead", 18990 + os.getpid() % 9, "") as (url, _):
             latency = _latency_against(url, args)
     fake = [] if args.skip_fake else fake_throughput(args.fake_seconds, args.fake_concurrency)
+    profile = None
+    if args.profile:  # a second, profiled run: cProfile slows the gateway, so its rates are not reported
+        path = args.out / f"overhead-{args.label}.prof"
+        args.out.mkdir(parents=True, exist_ok=True)
+        rows = fake_throughput(args.fake_seconds, args.fake_concurrency, path)
+        profile = {"requests": sum(r["answered"] for r in rows), "top": top_entries(path)}
+        path.unlink()
     report = {"date": dt.datetime.now().isoformat(timespec="seconds"), "label": args.label,
               "command": "python -m loadtests.overhead " + " ".join(sys.argv[1:]),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "latency": latency, "fake": fake}  # fmt: skip
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "latency": latency, "fake": fake,
+              "profile": profile}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"overhead-{args.label}.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / f"overhead-{args.label}.md").write_text(render(report))

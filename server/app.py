@@ -62,7 +62,9 @@ def create_app(settings: Settings) -> FastAPI:
         upstream = EngineClient(build_upstream_session(settings.upstream_connect_timeout_s,
                                                        settings.upstream_read_timeout_s, per_engine))  # fmt: skip
         gateway = Gateway(settings, catalog, supervisor, upstream, metrics, service, book, load)
-        app.state.gateway = gateway
+        app.state.gateway = gateway  # the serving service; the others for the admin and ops routes
+        app.state.settings, app.state.models, app.state.catalog = settings, service, catalog
+        app.state.supervisor, app.state.book, app.state.metrics, app.state.load = supervisor, book, metrics, load
         boot = asyncio.create_task(Bootstrap(settings, registry, builder, service, catalog, supervisor).run(),
                                    name="bootstrap")
         boot.add_done_callback(_log_bootstrap_failure)

@@ -13,6 +13,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger(__name__)
 
 
+class ClientDisconnected(Exception):
+    """The client closed the connection before the answer was ready (counted as 499, never sent)."""
+
+
 class GatewayError(Exception):
     """Base of every error the gateway answers with; subclasses fix status and type."""
 

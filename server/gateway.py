@@ -1,9 +1,16 @@
-"""The gateway service: routes a request to a variant and forwards it to that variant's engine.
+"""The serving service: what happens to a request once HTTP has handed it over.
 
-Route handlers stay thin; this class holds what the app owns (catalog, engines, metrics, the
-latency book) and the request path. Policy lives in `server.routing` (a pure Router over frozen
-snapshots); this is the mechanism around it: snapshots in, Decision out, forward, retry before
-the first byte, observe.
+`server/api/openai_routes.py` owns HTTP (reading and parsing the body, the client going away,
+building the response); this service sees no HTTP. Its request path, in order:
+
+    plan   = route(request)        resolve the model, build the features and the budget (routing
+                                   policy: `RoutingConfig.budget`), snapshot the candidates and
+                                   decide (`server.routing`, a pure Router over frozen snapshots)
+    answer = await send(plan)      forward to the chosen engine, retrying on the next candidate
+                                   while nothing has reached the client, counting what is in flight
+    observations.record(...)       when the answer ends: metrics and the latency book's corrections
+
+with frozen types between the steps (ServeRequest -> Plan -> Answer | Streamed).
 """
 
 from __future__ import annotations
@@ -13,20 +20,15 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-
-from server.api.body import ClientDisconnected, read_json_body, unless_disconnected
-from server.api.features import estimate_prompt_tokens, request_budget
-from server.api.protocol import GATEWAY_FIELDS, ChatCompletionRequest, CompletionRequest, parse_request
-from server.api.streaming import StreamTiming, relay
 from server.catalog import Catalog, LogicalModel, Variant
 from server.engines.client import EngineClient
+from server.engines.streaming import StreamTiming, relay
 from server.engines.supervisor import EngineSupervisor
-from server.errors import EnginesAtCapacity, EngineUnavailable, GatewayError, NoVariantWithinBudget
+from server.errors import EnginesAtCapacity, EngineUnavailable, NoVariantWithinBudget
 from server.metrics import GatewayMetrics
 from server.observations import Call, Observations, Observed
 from server.registry.service import ModelService
@@ -34,24 +36,75 @@ from server.routing.concentrate import Concentrator, device_priced, standby_map
 from server.routing.config import RoutingConfig
 from server.routing.predictor import LatencyBook, RawPrediction
 from server.routing.router import Router
-from server.routing.types import Budget, Candidate, Decision, EngineLoad, RequestFeatures
+from server.routing.types import Budget, Candidate, Decision, EngineLoad, Prediction, RequestFeatures
 from server.settings import Settings
 from server.telemetry.engine_load import EngineLoadScraper
 
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's status for "client closed request"; never sent, only counted
+T = TypeVar("T")
+Watch = Callable[[Awaitable[T]], Awaitable[T]]  # runs the work, raising ClientDisconnected if the client goes
+
+
+async def _unwatched(work: Awaitable[T]) -> T:
+    return await work
 
 
 @dataclass(frozen=True)
-class Endpoint:
-    name: str
-    path: str
-    schema: type[ChatCompletionRequest | CompletionRequest]
+class ServeRequest:
+    """A completion request as HTTP hands it over: parsed and validated, its gateway-only fields
+    already split off."""
+
+    endpoint: str  # "chat" | "completions": the metrics' label
+    path: str  # the engine's route, e.g. /v1/chat/completions
+    model: str  # as requested: a logical model or `model@variant`
+    upstream: Mapping[str, Any]  # the body the engine gets (gateway fields removed; `model` set per engine)
+    stream: bool
+    tier: str
+    own_budget: Budget  # the request's own (headers, latency_budget_ms); tier defaults come in `route`
+    max_tokens: int | None
+    prompt_tokens: int
 
 
-CHAT = Endpoint("chat", "/v1/chat/completions", ChatCompletionRequest)
-COMPLETIONS = Endpoint("completions", "/v1/completions", CompletionRequest)
+@dataclass(frozen=True)
+class Plan:
+    """Where a request goes: the decision and the engines to try, in order, before the first byte."""
+
+    request: ServeRequest
+    model: LogicalModel
+    pinned: Variant | None
+    features: RequestFeatures
+    decision: Decision
+    raws: Mapping[str, RawPrediction]
+    attempts: tuple[tuple[Variant, Prediction | None], ...]
+    priority: int
+    started: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    data: dict[str, Any]
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Streamed:
+    chunks: AsyncIterator[bytes]
+    headers: dict[str, str]
+
+
+@dataclass
+class RequestLabels:
+    """The labels a request is counted under, filled in as it goes (an early failure has fewer)."""
+
+    endpoint: str
+    model: str = ""
+    variant: str = ""
+    tier: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"model": self.model, "variant": self.variant, "endpoint": self.endpoint, "tier": self.tier}
 
 
 class Gateway:
@@ -112,20 +165,11 @@ class Gateway:
 
     # --- snapshots and decisions (no I/O) ---------------------------------------------------
 
-    def features(self, model: str, body: dict[str, Any], parsed: Any, headers: Any,
-                 config: RoutingConfig) -> RequestFeatures:  # fmt: skip
-        tier = parsed.service_tier or "default"
-        budget = request_budget(headers, parsed.latency_budget_ms)
-        if not budget.any:
-            budget = config.tier(tier).default_budget()
-        if not parsed.stream and budget.ttft_ms is not None:
-            # Unstreamed, the first token reaches the client with the last: TTFT bounds e2e.
-            e2e = min(budget.ttft_ms, budget.e2e_ms or budget.ttft_ms)
-            budget = Budget(e2e, None, budget.tpot_ms, budget.source)
-        requested = getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens
-        output = requested or self.book.completion_lengths(model).quantile(config.output_tokens_quantile,
-                                                                           config.default_output_tokens)
-        return RequestFeatures(estimate_prompt_tokens(body), output, budget, tier)
+    def features(self, model: str, request: ServeRequest, config: RoutingConfig) -> RequestFeatures:
+        budget = config.budget(request.own_budget, request.tier, request.stream)
+        output = request.max_tokens or self.book.completion_lengths(model).quantile(config.output_tokens_quantile,
+                                                                                   config.default_output_tokens)
+        return RequestFeatures(request.prompt_tokens, output, budget, request.tier)
 
     def candidates(self, model: LogicalModel, features: RequestFeatures
                    ) -> tuple[list[Candidate], dict[str, RawPrediction]]:  # fmt: skip
@@ -218,63 +262,69 @@ class Gateway:
 
     # --- the request path --------------------------------------------------------------------
 
-    async def forward(self, request: Request, endpoint: Endpoint) -> Response:
-        started = time.perf_counter()
-        labels = {"model": "", "variant": "", "endpoint": endpoint.name, "tier": ""}
-        try:
-            body = await read_json_body(request, self.settings.limits.max_body_bytes)
-            parsed = parse_request(endpoint.schema, body, self.settings.limits)
-            model, pinned = self.catalog.resolve(parsed.model)
-            labels["model"] = model.name
-            config = self.settings.routing_for(model.name)
-            features = self.features(model.name, body, parsed, request.headers, config)
-            labels["tier"] = features.tier
-            decision, raws = self.decide(model, pinned, features)
-            labels["variant"] = decision.variant.id
-            self.metrics.decisions.labels(model.name, decision.variant.id, decision.reason).inc()
-            upstream_body = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
-            priority = config.tier(features.tier).engine_priority
-            attempts = [(decision.variant, decision.prediction)]
-            if pinned is None:
-                attempts += [(c.variant, c.prediction) for c in decision.fallbacks]
-            self.metrics.overhead.labels(endpoint.name).observe(time.perf_counter() - started)
-            last_error: EngineUnavailable | None = None
-            for variant, prediction in attempts[: config.max_attempts]:
-                engine = self.supervisor.get(variant.id)
-                if engine is None or not engine.status().serving:
-                    continue
-                if last_error is not None:
-                    self.metrics.retries.labels(model.name, labels["variant"]).inc()
-                labels["variant"] = variant.id
-                call = Call(model.name, endpoint.name, variant, decision, features.budget, prediction,
-                            raws.get(variant.id), started, features.tier)  # fmt: skip
-                upstream = {**upstream_body, "model": variant.id}
-                if priority and engine.accepts_priority:
-                    upstream["priority"] = priority
-                headers = _headers(call, features.tier)
-                url = f"{engine.base_url}{endpoint.path}"
-                try:
-                    if parsed.stream:
-                        return await self._stream(call, url, upstream, headers)
-                    return await self._complete(request, call, url, upstream, headers)
-                except EngineUnavailable as exc:  # nothing reached the client yet: the next one may serve
-                    logger.warning("%s failed before the first byte: %s", variant.id, exc)
-                    last_error = exc
-            raise last_error or EngineUnavailable(f"no engine is serving '{model.name}' right now",
-                                                  headers={"Retry-After": "5"})
-        except GatewayError as exc:
-            self.metrics.requests.labels(**labels, status=str(exc.status_code)).inc()
-            raise
-        except ClientDisconnected:
-            self.metrics.requests.labels(**labels, status=str(CLIENT_CLOSED)).inc()
-            return Response(status_code=CLIENT_CLOSED)
+    async def serve(self, request: ServeRequest, labels: RequestLabels, watch: Watch = _unwatched
+                    ) -> Answer | Streamed:  # fmt: skip
+        """Route, then send. A GatewayError or ClientDisconnected propagates to the caller, which counts it
+        under `labels` (`count`) and answers it."""
+        return await self.send(self.route(request, labels), labels, watch)
 
-    async def _complete(self, request: Request, call: Call, url: str, body: dict[str, Any],
-                        headers: dict[str, str]) -> Response:
+    def route(self, request: ServeRequest, labels: RequestLabels) -> Plan:
+        started = time.perf_counter()
+        model, pinned = self.catalog.resolve(request.model)
+        labels.model = model.name
+        config = self.settings.routing_for(model.name)
+        features = self.features(model.name, request, config)
+        labels.tier = features.tier
+        decision, raws = self.decide(model, pinned, features)
+        labels.variant = decision.variant.id  # type: ignore[union-attr]
+        self.metrics.decisions.labels(model.name, decision.variant.id, decision.reason).inc()  # type: ignore[union-attr]
+        attempts = [(decision.variant, decision.prediction)]
+        if pinned is None:
+            attempts += [(c.variant, c.prediction) for c in decision.fallbacks]
+        plan = Plan(request, model, pinned, features, decision, raws,
+                    tuple(attempts[: config.max_attempts]), config.tier(features.tier).engine_priority,
+                    started)  # type: ignore[arg-type]  # fmt: skip
+        self.metrics.overhead.labels(request.endpoint).observe(time.perf_counter() - started)
+        return plan
+
+    async def send(self, plan: Plan, labels: RequestLabels, watch: Watch = _unwatched) -> Answer | Streamed:
+        """Each planned engine in turn until one answers: an engine that fails before the first byte
+        has sent nothing to the client, so the next one may serve."""
+        request, last_error = plan.request, None
+        for variant, prediction in plan.attempts:
+            engine = self.supervisor.get(variant.id)
+            if engine is None or not engine.status().serving:
+                continue
+            if last_error is not None:
+                self.metrics.retries.labels(plan.model.name, labels.variant).inc()
+            labels.variant = variant.id
+            call = Call(plan.model.name, request.endpoint, variant, plan.decision, plan.features.budget, prediction,
+                        plan.raws.get(variant.id), plan.started, plan.features.tier)  # fmt: skip
+            upstream = {**request.upstream, "model": variant.id}
+            if plan.priority and engine.accepts_priority:
+                upstream["priority"] = plan.priority
+            headers = _headers(call, plan.features.tier)
+            url = f"{engine.base_url}{request.path}"
+            try:
+                if request.stream:
+                    return await self._stream(call, url, upstream, headers)
+                return await self._complete(call, url, upstream, headers, watch)
+            except EngineUnavailable as exc:  # nothing reached the client yet: the next one may serve
+                logger.warning("%s failed before the first byte: %s", variant.id, exc)
+                last_error = exc
+        raise last_error or EngineUnavailable(f"no engine is serving '{plan.model.name}' right now",
+                                              headers={"Retry-After": "5"})
+
+    def count(self, labels: RequestLabels, status: int) -> None:
+        """A request that ended without an answer (an error, or the client gone)."""
+        self.metrics.requests.labels(**labels.as_dict(), status=str(status)).inc()
+
+    async def _complete(self, call: Call, url: str, body: dict[str, Any], headers: dict[str, str],
+                        watch: Watch) -> Answer:  # fmt: skip
         variant_id = call.variant.id
         self._enter(variant_id)
         try:
-            data = await unless_disconnected(request, self.engines.post_json(variant_id, url, body))
+            data = await watch(self.engines.post_json(variant_id, url, body))
         finally:
             self._leave(variant_id)
         self._record_usage(call, data.get("usage"))
@@ -282,9 +332,9 @@ class Gateway:
         self.observations.record(call, Observed(time.perf_counter() - call.started, None, None, tokens))
         self.metrics.requests.labels(**call.request_labels, status="200").inc()
         data["service_tier"] = headers["x-quantgate-service-tier"]
-        return JSONResponse(data, headers=headers)
+        return Answer(data, headers)
 
-    async def _stream(self, call: Call, url: str, body: dict[str, Any], headers: dict[str, str]) -> Response:
+    async def _stream(self, call: Call, url: str, body: dict[str, Any], headers: dict[str, str]) -> Streamed:
         # In flight from the moment it is sent: a burst routed before the engine answers must see it.
         self._enter(call.variant.id)
         try:
@@ -308,9 +358,8 @@ class Gateway:
                                                         timing.first_chunk - call.started, tpot,
                                                         tokens or len(timing.gaps) or None))  # fmt: skip
 
-        stream = relay(upstream, StreamTiming(started=call.started), on_close)
-        return StreamingResponse(stream, media_type="text/event-stream",
-                                 headers={**headers, "cache-control": "no-cache"})
+        return Streamed(relay(upstream, StreamTiming(started=call.started), on_close),
+                        {**headers, "cache-control": "no-cache"})
 
     def _enter(self, variant_id: str) -> None:
         self.in_flight[variant_id] += 1

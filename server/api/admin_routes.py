@@ -9,7 +9,15 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.api.deps import GatewayDep, require_admin
+from server.api.deps import (
+    BookDep,
+    CatalogDep,
+    GatewayDep,
+    ModelsDep,
+    SettingsDep,
+    SupervisorDep,
+    require_admin,
+)
 from server.routing.types import Budget, RequestFeatures
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
@@ -25,62 +33,59 @@ class AddModel(BaseModel):
 
 
 @router.post("/models", status_code=202)
-async def add_model(body: AddModel, gateway: GatewayDep) -> JSONResponse:
+async def add_model(body: AddModel, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
     """Register a checkpoint; its variants are built in the background (see GET /admin/models/{name})."""
-    methods = tuple(body.variants) if body.variants is not None else gateway.settings.default_variants
-    record = await gateway.models.add(Path(body.path), body.name, methods, body.max_ppl_delta)
-    return JSONResponse(gateway.models.describe(record.name)[0], status_code=202)
+    methods = tuple(body.variants) if body.variants is not None else settings.default_variants
+    record = await models.add(Path(body.path), body.name, methods, body.max_ppl_delta)
+    return JSONResponse(models.describe(record.name)[0], status_code=202)
 
 
 @router.get("/models")
-async def list_models(gateway: GatewayDep) -> dict:
-    return {"models": gateway.models.describe()}
+async def list_models(models: ModelsDep) -> dict:
+    return {"models": models.describe()}
 
 
 @router.get("/models/{name}")
-async def get_model(name: str, gateway: GatewayDep) -> dict:
-    return gateway.models.describe(name)[0]
+async def get_model(name: str, models: ModelsDep) -> dict:
+    return models.describe(name)[0]
 
 
 @router.delete("/models/{name}")
-async def remove_model(name: str, gateway: GatewayDep) -> dict:
-    await gateway.models.remove(name)
+async def remove_model(name: str, models: ModelsDep) -> dict:
+    await models.remove(name)
     return {"deleted": name}
 
 
 @router.get("/jobs/{job_id}")
-async def get_job(job_id: int, gateway: GatewayDep) -> dict:
-    job = gateway.models.registry.job(job_id)
-    variant = gateway.models.registry.variant(job.variant_id)
-    return {**asdict(job), "variant_state": variant.state.value, "variant_reason": variant.reason,
-            "log_path": variant.log_path}  # fmt: skip
+async def get_job(job_id: int, models: ModelsDep) -> dict:
+    return models.job(job_id)
 
 
 @router.get("/engines")
-async def engines(gateway: GatewayDep) -> dict:
+async def engines(supervisor: SupervisorDep, models: ModelsDep) -> dict:
     """Every engine with its URL (also the scrape target for its vllm:* metrics)."""
     rows = []
-    for status in gateway.supervisor.statuses():
+    for status in supervisor.statuses():
         row = asdict(status)
         row["state"] = status.state.value
         row["metrics_url"] = f"{status.base_url}/metrics"
         rows.append(row)
-    kernels = gateway.models.kernels
-    return {"engines": rows, "host": kernels.as_dict()}
+    return {"engines": rows, "host": models.kernels.as_dict()}
 
 
 @router.get("/routing/{model}")
-async def routing(model: str, gateway: GatewayDep, prompt_tokens: int = Query(64, ge=1, le=1_048_576),
+async def routing(model: str, gateway: GatewayDep, catalog: CatalogDep, book: BookDep, settings: SettingsDep,
+                  prompt_tokens: int = Query(64, ge=1, le=1_048_576),
                   output_tokens: int = Query(128, ge=1, le=1_048_576)) -> dict:
     """What the router sees for `model` now: per variant its quality, live load, latency priors,
     online corrections, and the prediction for a request of the given size; per shared device the
     active rung, what each rung would do with the recent traffic, and the rungs worth keeping resident."""
-    logical, _ = gateway.catalog.resolve(model)
+    logical, _ = catalog.resolve(model)
     features = RequestFeatures(prompt_tokens, output_tokens, Budget())
     candidates, _ = gateway.candidates(logical, features)
     rows = []
     for c in candidates:
-        latency = gateway.book.get(c.variant.id)
+        latency = book.get(c.variant.id)
         rows.append({
             "variant": c.variant.id, "method": c.variant.method, "ppl_delta": c.variant.ppl_delta,
             "serving": c.serving, "load": asdict(c.load),
@@ -93,7 +98,7 @@ async def routing(model: str, gateway: GatewayDep, prompt_tokens: int = Query(64
             "predicted": asdict(c.prediction) if c.prediction else None,
         })  # fmt: skip
     regimes = gateway.concentrator(logical.name).regimes
-    config = gateway.settings.routing_for(logical.name)
+    config = settings.routing_for(logical.name)
     return {"model": logical.name, "config": config.model_dump(),
             "prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "variants": rows,
             "devices": [regime.as_dict() for regime in regimes.values()],

@@ -10,13 +10,9 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from server.errors import InvalidRequest, PayloadTooLarge
+from server.errors import ClientDisconnected, InvalidRequest, PayloadTooLarge
 
 T = TypeVar("T")
-
-
-class ClientDisconnected(Exception):
-    """The client closed the connection before the answer was ready."""
 
 
 async def read_json_body(request: Request, max_bytes: int) -> Any:

@@ -1,14 +1,23 @@
-"""FastAPI dependencies: the app's Gateway, and API/admin key checks (constant-time)."""
+"""FastAPI dependencies: the app's components (each on `app.state`, each with its own alias, so no
+route reaches through one object to get another), and API/admin key checks (constant-time)."""
 
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
+from server.catalog import Catalog
+from server.engines.supervisor import EngineSupervisor
 from server.errors import AuthenticationFailed, GatewayError
 from server.gateway import Gateway
+from server.metrics import GatewayMetrics
+from server.registry.service import ModelService
+from server.routing.predictor import LatencyBook
+from server.settings import Settings
+from server.telemetry.engine_load import EngineLoadScraper
 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
@@ -21,11 +30,22 @@ class AdminForbidden(GatewayError):
 
 # Dependencies are `async def`: FastAPI runs plain `def` ones in a worker thread, a thread hop per
 # dependency per request that cost more CPU than the rest of the request path together.
-async def get_gateway(request: Request) -> Gateway:
-    return request.app.state.gateway
+def _from_state(name: str) -> Callable[[Request], Awaitable[Any]]:
+    async def component(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    component.__name__ = f"get_{name}"
+    return component
 
 
-GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+GatewayDep = Annotated[Gateway, Depends(_from_state("gateway"))]
+SettingsDep = Annotated[Settings, Depends(_from_state("settings"))]
+ModelsDep = Annotated[ModelService, Depends(_from_state("models"))]
+CatalogDep = Annotated[Catalog, Depends(_from_state("catalog"))]
+SupervisorDep = Annotated[EngineSupervisor, Depends(_from_state("supervisor"))]
+BookDep = Annotated[LatencyBook, Depends(_from_state("book"))]
+MetricsDep = Annotated[GatewayMetrics, Depends(_from_state("metrics"))]
+LoadDep = Annotated[EngineLoadScraper, Depends(_from_state("load"))]
 
 
 def _bearer(request: Request) -> str | None:
@@ -42,8 +62,10 @@ def _matches_any(token: str, keys: tuple[str, ...]) -> bool:
     return found
 
 
-async def require_api_key(request: Request, gateway: GatewayDep) -> None:
-    keys = gateway.settings.api_keys
+def check_api_key(request: Request, settings: Settings) -> None:
+    """Called by the completion handlers themselves: FastAPI's dependency solving was ~5% of the gateway's
+    CPU on the request path (cProfile over the FakeEngine: loadtests/results/2026-12-05/overhead-fake-cpu.md)."""
+    keys = settings.api_keys
     if not keys:
         return
     token = _bearer(request)
@@ -53,9 +75,13 @@ async def require_api_key(request: Request, gateway: GatewayDep) -> None:
         raise AuthenticationFailed("invalid API key")
 
 
-async def require_admin(request: Request, gateway: GatewayDep) -> None:
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
+    check_api_key(request, settings)
+
+
+async def require_admin(request: Request, settings: SettingsDep) -> None:
     """With QUANTGATE_ADMIN_KEY set, that key is required; without it, only loopback clients."""
-    admin_key = gateway.settings.admin_key
+    admin_key = settings.admin_key
     if admin_key is None:
         client = request.client.host if request.client else ""
         if client not in _LOOPBACK:

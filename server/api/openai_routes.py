@@ -1,15 +1,39 @@
-"""OpenAI endpoints: thin handlers over Gateway."""
+"""OpenAI endpoints: the HTTP half of the request path.
+
+Here: the body (size limit, JSON, validation against the OpenAI schema), the budget the request
+states in its headers, the client going away, and the response. Everything after that (route,
+send, observe) is the serving service's, `server/gateway.py`, which sees no HTTP.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from server.api.deps import GatewayDep, require_api_key
-from server.api.protocol import ChatCompletionRequest, CompletionRequest
-from server.gateway import CHAT, COMPLETIONS
+from server.api.body import read_json_body, unless_disconnected
+from server.api.deps import CatalogDep, GatewayDep, check_api_key, require_api_key
+from server.api.features import estimate_prompt_tokens, request_budget
+from server.api.protocol import GATEWAY_FIELDS, ChatCompletionRequest, CompletionRequest, parse_request
+from server.errors import ClientDisconnected, GatewayError
+from server.gateway import CLIENT_CLOSED, Gateway, RequestLabels, ServeRequest, Streamed
+from server.settings import Settings
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+# The completion handlers check the API key themselves and take their components from app.state:
+# no FastAPI dependency on the hot path (see check_api_key). Everything else under /v1 depends on the key.
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    path: str
+    schema: type[ChatCompletionRequest | CompletionRequest]
+
+
+CHAT = Endpoint("chat", "/v1/chat/completions", ChatCompletionRequest)
+COMPLETIONS = Endpoint("completions", "/v1/completions", CompletionRequest)
 
 
 def _body_schema(schema: type) -> dict:
@@ -19,21 +43,47 @@ def _body_schema(schema: type) -> dict:
 
 
 @router.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
-async def chat_completions(request: Request, gateway: GatewayDep) -> Response:
-    return await gateway.forward(request, CHAT)
+async def chat_completions(request: Request) -> Response:
+    return await _serve(request, CHAT)
 
 
 @router.post("/completions", openapi_extra=_body_schema(CompletionRequest))
-async def completions(request: Request, gateway: GatewayDep) -> Response:
-    return await gateway.forward(request, COMPLETIONS)
+async def completions(request: Request) -> Response:
+    return await _serve(request, COMPLETIONS)
 
 
-@router.get("/models")
-async def list_models(gateway: GatewayDep) -> dict:
+async def _serve(request: Request, endpoint: Endpoint) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    settings: Settings = request.app.state.settings
+    check_api_key(request, settings)
+    labels = RequestLabels(endpoint.name)
+    try:
+        body = await read_json_body(request, settings.limits.max_body_bytes)
+        parsed = parse_request(endpoint.schema, body, settings.limits)
+        served = await gateway.serve(ServeRequest(
+            endpoint=endpoint.name, path=endpoint.path, model=parsed.model,
+            upstream={k: v for k, v in body.items() if k not in GATEWAY_FIELDS}, stream=bool(parsed.stream),
+            tier=parsed.service_tier or "default", own_budget=request_budget(request.headers, parsed.latency_budget_ms),
+            max_tokens=getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens,
+            prompt_tokens=estimate_prompt_tokens(body),
+        ), labels, watch=lambda work: unless_disconnected(request, work))  # fmt: skip
+    except GatewayError as exc:
+        gateway.count(labels, exc.status_code)
+        raise
+    except ClientDisconnected:
+        gateway.count(labels, CLIENT_CLOSED)
+        return Response(status_code=CLIENT_CLOSED)
+    if isinstance(served, Streamed):
+        return StreamingResponse(served.chunks, media_type="text/event-stream", headers=served.headers)
+    return JSONResponse(served.data, headers=served.headers)
+
+
+@router.get("/models", dependencies=[Depends(require_api_key)])
+async def list_models(gateway: GatewayDep, catalog: CatalogDep) -> dict:
     """Each logical model, then its variants (`model@variant`), with quantgate's extra fields."""
     serving = gateway.serving_variant_ids()
     data = []
-    for model in gateway.catalog.models():
+    for model in catalog.models():
         ladder = model.accuracy_order()
         data.append({
             "id": model.name, "object": "model", "created": model.created, "owned_by": "quantgate",

@@ -6,7 +6,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server.api.deps import GatewayDep
+from server.api.deps import GatewayDep, LoadDep, MetricsDep
 from server.telemetry import engine_metrics
 
 router = APIRouter(tags=["operations"])
@@ -27,11 +27,11 @@ async def ready(gateway: GatewayDep) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics(gateway: GatewayDep) -> Response:
-    return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(gateway_metrics: MetricsDep) -> Response:
+    return Response(generate_latest(gateway_metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/metrics/engines")
-async def engine_metrics_page(gateway: GatewayDep) -> Response:
+async def engine_metrics_page(load: LoadDep) -> Response:
     """Every serving engine's own metrics (`vllm:*`), as last scraped, with a `variant` label."""
-    return Response(engine_metrics.render(gateway.load.pages()), media_type=CONTENT_TYPE_LATEST)
+    return Response(engine_metrics.render(load.pages()), media_type=CONTENT_TYPE_LATEST)

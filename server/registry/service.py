@@ -100,6 +100,13 @@ class ModelService:
         self.catalog.remove_model(name)
         logger.info("removed %s and its %d variant(s)", name, len(variants))
 
+    def job(self, job_id: int) -> dict[str, Any]:
+        """One compression job, with its variant's state, reason and log."""
+        job = self.registry.job(job_id)
+        variant = self.registry.variant(job.variant_id)
+        return {**asdict(job), "variant_state": variant.state.value, "variant_reason": variant.reason,
+                "log_path": variant.log_path}  # fmt: skip
+
     def describe(self, name: str | None = None) -> list[dict[str, Any]]:
         models = [self.registry.model(name)] if name else self.registry.models()
         out = []

@@ -99,6 +99,16 @@ class RoutingConfig(BaseModel):
     def tier(self, tier: str) -> TierConfig:
         return self.tiers.get(tier) or self.tiers["default"]  # type: ignore[index]
 
+    def budget(self, own: Budget, tier: str, stream: bool) -> Budget:
+        """The budget a request is routed on, the one place it is built: the request's own (its headers
+        and `latency_budget_ms`, parsed by server/api/features.py), else its tier's default. Unstreamed,
+        the first token reaches the client with the last, so a TTFT bound bounds the whole answer."""
+        budget = own if own.any else self.tier(tier).default_budget()
+        if not stream and budget.ttft_ms is not None:
+            e2e = min(budget.ttft_ms, budget.e2e_ms or budget.ttft_ms)
+            budget = Budget(e2e, None, budget.tpot_ms, budget.source)
+        return budget
+
     def policy_for(self, tier: str) -> Policy:
         return self.tier(tier).policy or self.policy
 

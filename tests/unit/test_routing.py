@@ -185,3 +185,19 @@ def test_retry_after_is_the_predicted_queue_drain(idle: float, e2e: float, retry
 def test_no_serving_variant() -> None:
     decision = Router(RoutingConfig()).route(feats(), [cand(BASE, serving=False)])
     assert decision.variant is None and decision.reason == "no-variant"
+
+
+@pytest.mark.parametrize(("own", "tier", "stream", "expected"), [
+    # The request's own budget wins over its tier's default.
+    (Budget(900.0, None, None, "request"), "priority", True, Budget(900.0, None, None, "request")),
+    # None of its own: the tier's (priority: TTFT 1 s), streamed as given...
+    (Budget(), "priority", True, Budget(None, 1000.0, None, "tier")),
+    # ...unstreamed, the first token comes with the last: the TTFT bound bounds the whole answer.
+    (Budget(), "priority", False, Budget(1000.0, None, None, "tier")),
+    (Budget(2000.0, 500.0, 30.0, "request"), "default", False, Budget(500.0, None, 30.0, "request")),
+    (Budget(300.0, 500.0, None, "request"), "default", False, Budget(300.0, None, None, "request")),
+    # No budget anywhere: none.
+    (Budget(), "default", False, Budget()),
+])  # fmt: skip
+def test_the_budget_is_built_in_one_place(own: Budget, tier: str, stream: bool, expected: Budget) -> None:
+    assert RoutingConfig().budget(own, tier, stream) == expected
