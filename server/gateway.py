@@ -10,7 +10,7 @@ building the response); this service sees no HTTP. Its request path, in order:
                                    while nothing has reached the client, counting what is in flight
     observations.record(...)       when the answer ends: metrics and the latency book's corrections
 
-with frozen types between the steps (ServeRequest -> Plan -> Answer | Streamed).
+with frozen types between the steps (server/serving_types.py: ServeRequest -> Plan -> Answer | Streamed).
 """
 
 from __future__ import annotations
@@ -20,9 +20,8 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from dataclasses import replace
+from typing import Any
 
 from server.catalog import Catalog, LogicalModel, Variant
 from server.engines.client import EngineClient
@@ -36,77 +35,14 @@ from server.routing.concentrate import Concentrator, device_priced, standby_map
 from server.routing.config import RoutingConfig
 from server.routing.predictor import LatencyBook, RawPrediction
 from server.routing.router import Router
-from server.routing.types import Budget, Candidate, Decision, EngineLoad, Prediction, RequestFeatures
+from server.routing.types import Budget, Candidate, Decision, EngineLoad, RequestFeatures
+from server.serving_types import Answer, Plan, RequestLabels, ServeRequest, Streamed, Watch, unwatched
 from server.settings import Settings
 from server.telemetry.engine_load import EngineLoadScraper
 
 logger = logging.getLogger(__name__)
 
 CLIENT_CLOSED = 499  # nginx's status for "client closed request"; never sent, only counted
-T = TypeVar("T")
-Watch = Callable[[Awaitable[T]], Awaitable[T]]  # runs the work, raising ClientDisconnected if the client goes
-
-
-async def _unwatched(work: Awaitable[T]) -> T:
-    return await work
-
-
-@dataclass(frozen=True)
-class ServeRequest:
-    """A completion request as HTTP hands it over: parsed and validated, its gateway-only fields
-    already split off."""
-
-    endpoint: str  # "chat" | "completions": the metrics' label
-    path: str  # the engine's route, e.g. /v1/chat/completions
-    model: str  # as requested: a logical model or `model@variant`
-    upstream: Mapping[str, Any]  # the body the engine gets (gateway fields removed; `model` set per engine)
-    stream: bool
-    tier: str
-    own_budget: Budget  # the request's own (headers, latency_budget_ms); tier defaults come in `route`
-    max_tokens: int | None
-    prompt_tokens: int
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where a request goes: the decision and the engines to try, in order, before the first byte."""
-
-    request: ServeRequest
-    model: LogicalModel
-    pinned: Variant | None
-    features: RequestFeatures
-    decision: Decision
-    raws: Mapping[str, RawPrediction]
-    attempts: tuple[tuple[Variant, Prediction | None], ...]
-    priority: int
-    started: float
-
-
-@dataclass(frozen=True)
-class Answer:
-    data: dict[str, Any]
-    headers: dict[str, str]
-
-
-@dataclass(frozen=True)
-class Streamed:
-    chunks: AsyncIterator[bytes]
-    headers: dict[str, str]
-
-
-@dataclass
-class RequestLabels:
-    """The labels a request is counted under, filled in as it goes (an early failure has fewer)."""
-
-    endpoint: str
-    model: str = ""
-    variant: str = ""
-    tier: str = ""
-
-    def as_dict(self) -> dict[str, str]:
-        return {"model": self.model, "variant": self.variant, "endpoint": self.endpoint, "tier": self.tier}
-
-
 class Gateway:
     def __init__(self, settings: Settings, catalog: Catalog, supervisor: EngineSupervisor, engines: EngineClient,
                  metrics: GatewayMetrics, models: ModelService, book: LatencyBook, load: EngineLoadScraper) -> None:
@@ -262,7 +198,7 @@ class Gateway:
 
     # --- the request path --------------------------------------------------------------------
 
-    async def serve(self, request: ServeRequest, labels: RequestLabels, watch: Watch = _unwatched
+    async def serve(self, request: ServeRequest, labels: RequestLabels, watch: Watch = unwatched
                     ) -> Answer | Streamed:  # fmt: skip
         """Route, then send. A GatewayError or ClientDisconnected propagates to the caller, which counts it
         under `labels` (`count`) and answers it."""
@@ -281,13 +217,13 @@ class Gateway:
         attempts = [(decision.variant, decision.prediction)]
         if pinned is None:
             attempts += [(c.variant, c.prediction) for c in decision.fallbacks]
-        plan = Plan(request, model, pinned, features, decision, raws,
+        plan = Plan(request, model, features, decision, raws,
                     tuple(attempts[: config.max_attempts]), config.tier(features.tier).engine_priority,
                     started)  # type: ignore[arg-type]  # fmt: skip
         self.metrics.overhead.labels(request.endpoint).observe(time.perf_counter() - started)
         return plan
 
-    async def send(self, plan: Plan, labels: RequestLabels, watch: Watch = _unwatched) -> Answer | Streamed:
+    async def send(self, plan: Plan, labels: RequestLabels, watch: Watch = unwatched) -> Answer | Streamed:
         """Each planned engine in turn until one answers: an engine that fails before the first byte
         has sent nothing to the client, so the next one may serve."""
         request, last_error = plan.request, None

@@ -17,7 +17,8 @@ from server.api.deps import CatalogDep, GatewayDep, check_api_key, require_api_k
 from server.api.features import estimate_prompt_tokens, request_budget
 from server.api.protocol import GATEWAY_FIELDS, ChatCompletionRequest, CompletionRequest, parse_request
 from server.errors import ClientDisconnected, GatewayError
-from server.gateway import CLIENT_CLOSED, Gateway, RequestLabels, ServeRequest, Streamed
+from server.gateway import CLIENT_CLOSED, Gateway
+from server.serving_types import RequestLabels, ServeRequest, Streamed
 from server.settings import Settings
 
 # The completion handlers check the API key themselves and take their components from app.state:
