@@ -224,9 +224,12 @@ def _latency_against(url: str, args: argparse.Namespace) -> list[dict]:
     with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
         engines = [e for e in http.get("/admin/engines").json()["engines"] if e["state"] == "ready"
                    and e["variant_id"].split("@")[0] == args.model]  # fmt: skip
-    base = min(engines, key=lambda e: e["variant_id"])
-    print(f"direct: {base['variant_id']} at {base['base_url']}", flush=True)
-    return latency_overhead(url, args.model, base["base_url"], base["variant_id"], args.concurrency,
+    if args.variant:  # one engine both ways: the gateway pinned to it, so the delta is the gateway alone
+        base = next(e for e in engines if e["variant_id"] == args.variant)
+    else:
+        base = min(engines, key=lambda e: e["variant_id"])
+    print(f"direct: {base['variant_id']} at {base['base_url']}; gateway: {args.variant or args.model}", flush=True)
+    return latency_overhead(url, args.variant or args.model, base["base_url"], base["variant_id"], args.concurrency,
                             args.per_round, args.rounds, {})  # fmt: skip
 
 
@@ -234,6 +237,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gateway")
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--variant", help="pin the gateway path to this variant (model@variant) and go direct to its "
+                   "engine; without it the gateway routes the logical model and direct is its first engine")
     p.add_argument("--label", default="cpu")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16])
     p.add_argument("--per-round", type=int, default=16)

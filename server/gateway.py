@@ -33,7 +33,7 @@ from server.observations import Call, Observations, Observed
 from server.registry.service import ModelService
 from server.routing.concentrate import Concentrator, device_priced, standby_map
 from server.routing.config import RoutingConfig
-from server.routing.predictor import LatencyBook, RawPrediction
+from server.routing.predictor import Admissions, LatencyBook, RawPrediction
 from server.routing.router import Router
 from server.routing.types import Budget, Candidate, Decision, EngineLoad, RequestFeatures
 from server.serving_types import Answer, Plan, RequestLabels, ServeRequest, Streamed, Watch, unwatched
@@ -56,6 +56,7 @@ class Gateway:
         self.load = load
         self.observations = Observations(metrics, book)
         self.in_flight: Counter[str] = Counter()
+        self.admissions = Admissions()
         self._routers: dict[str, Router] = {}
         self._concentrators: dict[str, Concentrator] = {}
 
@@ -127,7 +128,7 @@ class Gateway:
             if latency is not None:
                 prediction = latency.predict(features.prompt_tokens, features.output_tokens, load)
                 raws[variant.id] = RawPrediction(*latency.raw(features.prompt_tokens, features.output_tokens, load),
-                                                 load.idle)
+                                                 load.idle, where or variant.id)
             candidates.append(Candidate(variant, variant.id in serving, load, prediction))
         return candidates, raws
 
@@ -258,21 +259,22 @@ class Gateway:
     async def _complete(self, call: Call, url: str, body: dict[str, Any], headers: dict[str, str],
                         watch: Watch) -> Answer:  # fmt: skip
         variant_id = call.variant.id
-        self._enter(variant_id)
+        device, seq = self._enter(call)
         try:
             data = await watch(self.engines.post_json(variant_id, url, body))
         finally:
             self._leave(variant_id)
         self._record_usage(call, data.get("usage"))
         tokens = _completion_tokens(data.get("usage"))
-        self.observations.record(call, Observed(time.perf_counter() - call.started, None, None, tokens))
+        self.observations.record(call, Observed(time.perf_counter() - call.started, None, None, tokens,
+                                                alone_to_end=self.admissions.alone(device, seq)))  # fmt: skip
         self.metrics.requests.labels(**call.request_labels, status="200").inc()
         data["service_tier"] = headers["x-quantgate-service-tier"]
         return Answer(data, headers)
 
     async def _stream(self, call: Call, url: str, body: dict[str, Any], headers: dict[str, str]) -> Streamed:
         # In flight from the moment it is sent: a burst routed before the engine answers must see it.
-        self._enter(call.variant.id)
+        device, seq = self._enter(call)
         try:
             upstream = await self.engines.open_stream(call.variant.id, url, body)
         except BaseException:
@@ -290,16 +292,23 @@ class Gateway:
             if timing.completed and timing.first_chunk is not None:
                 tokens = _completion_tokens(timing.usage)
                 tpot = sum(timing.gaps) / len(timing.gaps) if timing.gaps else None
+                alone = self.admissions.alone
                 self.observations.record(call, Observed(time.perf_counter() - call.started,
                                                         timing.first_chunk - call.started, tpot,
-                                                        tokens or len(timing.gaps) or None))  # fmt: skip
+                                                        tokens or len(timing.gaps) or None,
+                                                        alone(device, seq, timing.first_chunk),
+                                                        alone(device, seq)))  # fmt: skip
 
         return Streamed(relay(upstream, StreamTiming(started=call.started), on_close),
                         {**headers, "cache-control": "no-cache"})
 
-    def _enter(self, variant_id: str) -> None:
+    def _enter(self, call: Call) -> tuple[str, int]:
+        """Count the call in flight on its engine and admitted to its device: (device, admission number)."""
+        variant_id = call.variant.id
         self.in_flight[variant_id] += 1
         self.metrics.in_flight.labels(variant_id).inc()
+        device = call.raw.device if call.raw is not None and call.raw.device else variant_id
+        return device, self.admissions.admit(device, time.perf_counter())
 
     def _leave(self, variant_id: str) -> None:
         self.in_flight[variant_id] -= 1

@@ -41,6 +41,10 @@ class Observed:
     ttft_s: float | None  # streamed requests only
     tpot_s: float | None  # mean gap between streamed chunks
     completion_tokens: int | None
+    # Whether no other request reached the device before this one's first token / its end; a request
+    # routed to an idle device that was then joined is not an idle observation (routing/predictor.py).
+    alone_to_first_token: bool = True
+    alone_to_end: bool = True
 
 
 class Observations:
@@ -74,13 +78,16 @@ class Observations:
         latency, prediction = self.book.get(call.variant.id), call.prediction
         if latency is None or prediction is None or call.raw is None:
             return
-        raw_ttft, raw_tpot, idle = call.raw
+        raw_ttft, raw_tpot, idle = call.raw.ttft_ms, call.raw.tpot_ms, call.raw.idle
         ttft_ms = None if seen.ttft_s is None else seen.ttft_s * 1000
         tpot_ms = None if seen.tpot_s is None else seen.tpot_s * 1000
         if tpot_ms is None and seen.completion_tokens and seen.completion_tokens > 1:
             # Unstreamed: what is left after the predicted TTFT, per generated token.
             tpot_ms = max(seen.e2e_s * 1000 - prediction.ttft_ms, 0.0) / (seen.completion_tokens - 1)
-        latency.observe(raw_ttft, ttft_ms, raw_tpot, tpot_ms, idle=idle)
+        # Routed idle, then joined: neither an idle observation nor one of the load it was routed on.
+        learn_ttft = ttft_ms if not idle or seen.alone_to_first_token else None
+        learn_tpot = tpot_ms if not idle or seen.alone_to_end else None
+        latency.observe(raw_ttft, learn_ttft, raw_tpot, learn_tpot, idle=idle)
         error = self.metrics.predictor_error
         if ttft_ms is not None and prediction.ttft_ms > 0:
             error.labels(call.variant.id, "ttft").observe(ttft_ms / prediction.ttft_ms)

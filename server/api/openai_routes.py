@@ -10,12 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from server.api.body import read_json_body, unless_disconnected
+from server.api.body import read_json_body
 from server.api.deps import CatalogDep, GatewayDep, check_api_key, require_api_key
 from server.api.features import estimate_prompt_tokens, request_budget
 from server.api.protocol import GATEWAY_FIELDS, ChatCompletionRequest, CompletionRequest, parse_request
+from server.api.responses import RelayResponse, unless_disconnected
 from server.errors import ClientDisconnected, GatewayError
 from server.gateway import CLIENT_CLOSED, Gateway
 from server.serving_types import RequestLabels, ServeRequest, Streamed
@@ -75,7 +76,7 @@ async def _serve(request: Request, endpoint: Endpoint) -> Response:
         gateway.count(labels, CLIENT_CLOSED)
         return Response(status_code=CLIENT_CLOSED)
     if isinstance(served, Streamed):
-        return StreamingResponse(served.chunks, media_type="text/event-stream", headers=served.headers)
+        return RelayResponse(served.chunks, served.headers)
     return JSONResponse(served.data, headers=served.headers)
 
 

@@ -17,7 +17,11 @@ The online correction has two parts, each an exponentially weighted ratio of obs
 latency, each bounded. The idle scales learn only from requests routed to an idle engine on an idle
 device, so what load costs never moves the idle prediction: on one H200 an unsplit correction took in
 the slowdown of four engines sharing the GPU and predicted bf16 at 4.5 s idle against 0.63 s measured
-(the shared-device router issue). The load scales learn from the other requests what the load model
+(the shared-device router issue). Idle when routed is not enough: the first request of a burst is
+routed to an idle device and then prefills beside the rest of the burst, so its TTFT counts as idle
+only if nothing else reached the device before its first token, and its TPOT only if it stayed alone
+to its end (`Admissions`); on one H100, bursts of 16-64 took INT8's idle prediction from 509 to 671 ms
+against 426 ms measured (loadtests/results/2026-12-05/router-h100-edb2964.md). The load scales learn from the other requests what the load model
 misses, on top of the idle scales. Pure: no clocks, no I/O.
 """
 
@@ -43,11 +47,13 @@ LOAD_SCALE_BOUNDS = (0.25, 4.0)
 
 
 class RawPrediction(NamedTuple):
-    """The uncorrected (TTFT, TPOT) a request was routed on, and whether its engine and device were idle."""
+    """The uncorrected (TTFT, TPOT) a request was routed on, whether its engine and device were idle,
+    and the device group it went to ("" when unknown)."""
 
     ttft_ms: float
     tpot_ms: float
     idle: bool
+    device: str = ""
 
 
 class LatencyPriors(BaseModel):
@@ -138,6 +144,34 @@ class VariantLatency:
         ratio = min(max(ratio, RATIO_BOUNDS[0]), RATIO_BOUNDS[1])
         folded = (1 - self.alpha) * scale + self.alpha * ratio
         return min(max(folded, bounds[0]), bounds[1])
+
+
+class Admissions:
+    """Per device group, the sequence numbers and times of its latest admissions: whether a request
+    admitted to an idle device stayed alone until a given moment. Pure: the caller passes the clock."""
+
+    def __init__(self, keep: int = 64) -> None:
+        self._last: dict[str, int] = {}
+        self._times: dict[str, deque[tuple[int, float]]] = {}
+        self._keep = keep
+
+    def admit(self, device: str, now: float) -> int:
+        """Count one request onto `device`; its sequence number there."""
+        seq = self._last.get(device, 0) + 1
+        self._last[device] = seq
+        self._times.setdefault(device, deque(maxlen=self._keep)).append((seq, now))
+        return seq
+
+    def alone(self, device: str, seq: int, until: float | None = None) -> bool:
+        """Whether no request reached `device` after admission `seq`: before `until`, or at all (None)."""
+        if self._last.get(device, 0) <= seq:
+            return True
+        if until is None:
+            return False
+        for other, at in self._times.get(device, ()):
+            if other == seq + 1:
+                return at >= until
+        return False  # the next admission fell out of the window: many came since
 
 
 @dataclass
