@@ -225,7 +225,9 @@ def _latency_against(url: str, args: argparse.Namespace) -> list[dict]:
         engines = [e for e in http.get("/admin/engines").json()["engines"] if e["state"] == "ready"
                    and e["variant_id"].split("@")[0] == args.model]  # fmt: skip
     if args.variant:  # one engine both ways: the gateway pinned to it, so the delta is the gateway alone
-        base = next(e for e in engines if e["variant_id"] == args.variant)
+        base = next((e for e in engines if e["variant_id"] == args.variant), None)
+        if base is None:
+            raise SystemExit(f"no ready engine serves {args.variant}: {[e['variant_id'] for e in engines]}")
     else:
         base = min(engines, key=lambda e: e["variant_id"])
     print(f"direct: {base['variant_id']} at {base['base_url']}; gateway: {args.variant or args.model}", flush=True)

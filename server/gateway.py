@@ -307,7 +307,7 @@ class Gateway:
         variant_id = call.variant.id
         self.in_flight[variant_id] += 1
         self.metrics.in_flight.labels(variant_id).inc()
-        device = call.raw.device if call.raw is not None and call.raw.device else variant_id
+        device = call.raw.device if call.raw is not None else variant_id
         return device, self.admissions.admit(device, time.perf_counter())
 
     def _leave(self, variant_id: str) -> None:

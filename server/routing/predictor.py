@@ -21,8 +21,8 @@ the slowdown of four engines sharing the GPU and predicted bf16 at 4.5 s idle ag
 routed to an idle device and then prefills beside the rest of the burst, so its TTFT counts as idle
 only if nothing else reached the device before its first token, and its TPOT only if it stayed alone
 to its end (`Admissions`); on one H100, bursts of 16-64 took INT8's idle prediction from 509 to 671 ms
-against 426 ms measured (loadtests/results/2026-12-05/router-h100-edb2964.md). The load scales learn from the other requests what the load model
-misses, on top of the idle scales. Pure: no clocks, no I/O.
+against 426 ms measured (loadtests/results/2026-12-05/router-h100-edb2964.md). The load scales learn
+from the other requests what the load model misses, on top of the idle scales. Pure: no clocks, no I/O.
 """
 
 from __future__ import annotations
@@ -48,12 +48,12 @@ LOAD_SCALE_BOUNDS = (0.25, 4.0)
 
 class RawPrediction(NamedTuple):
     """The uncorrected (TTFT, TPOT) a request was routed on, whether its engine and device were idle,
-    and the device group it went to ("" when unknown)."""
+    and the device group it went to (the variant itself when its device is unknown)."""
 
     ttft_ms: float
     tpot_ms: float
     idle: bool
-    device: str = ""
+    device: str
 
 
 class LatencyPriors(BaseModel):
@@ -151,27 +151,23 @@ class Admissions:
     admitted to an idle device stayed alone until a given moment. Pure: the caller passes the clock."""
 
     def __init__(self, keep: int = 64) -> None:
-        self._last: dict[str, int] = {}
-        self._times: dict[str, deque[tuple[int, float]]] = {}
+        self._times: dict[str, deque[tuple[int, float]]] = {}  # (sequence number, time), consecutive
         self._keep = keep
 
     def admit(self, device: str, now: float) -> int:
         """Count one request onto `device`; its sequence number there."""
-        seq = self._last.get(device, 0) + 1
-        self._last[device] = seq
-        self._times.setdefault(device, deque(maxlen=self._keep)).append((seq, now))
+        times = self._times.setdefault(device, deque(maxlen=self._keep))
+        seq = times[-1][0] + 1 if times else 1
+        times.append((seq, now))
         return seq
 
     def alone(self, device: str, seq: int, until: float | None = None) -> bool:
         """Whether no request reached `device` after admission `seq`: before `until`, or at all (None)."""
-        if self._last.get(device, 0) <= seq:
+        times = self._times.get(device)
+        if not times or times[-1][0] <= seq:
             return True
-        if until is None:
-            return False
-        for other, at in self._times.get(device, ()):
-            if other == seq + 1:
-                return at >= until
-        return False  # the next admission fell out of the window: many came since
+        after = seq + 1 - times[0][0]  # where the next admission is kept
+        return until is not None and after >= 0 and times[after][1] >= until  # fell out: many came since
 
 
 @dataclass
