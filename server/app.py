@@ -43,10 +43,11 @@ def create_app(settings: Settings) -> FastAPI:
         hardware = detect(settings.engine_device)
         logger.info("engines on %s (native bf16 on CPU: %s)", hardware.device, hardware.cpu_native_bf16)
         registry = Registry(settings.registry_path)
+        catalog.follow(registry)
         book = LatencyBook()
         load = EngineLoadScraper(supervisor.statuses, http, settings.load_scrape_interval_s)
         builder = VariantBuilder(
-            registry, catalog, supervisor, settings.home,
+            registry, supervisor, settings.home,
             engine_config=lambda vid, path, args: local_engine_config(settings, hardware, vid, path, args),
             remote_engines=dict(settings.remote_engines), book=book,
             profile=settings.registry_profile, compress_timeout_s=settings.compress_timeout_s,
@@ -56,7 +57,7 @@ def create_app(settings: Settings) -> FastAPI:
         kernels = await asyncio.to_thread(probe_kernels, hardware.device, settings.cache_dir)
         logger.info("engine kernels here: %s (%s, %s)", kernels.kernels, kernels.library or hardware.device,
                     kernels.source)
-        service = ModelService(settings, registry, builder, catalog, supervisor, hardware.device, kernels)
+        service = ModelService(settings, registry, builder, supervisor, hardware.device, kernels)
         metrics = GatewayMetrics(supervisor.statuses, load.all, catalog, registry)
         per_engine = max([settings.engine_max_in_flight] + [r.max_in_flight or 0 for r in settings.remote_engines.values()])
         upstream = EngineClient(build_upstream_session(settings.upstream_connect_timeout_s,

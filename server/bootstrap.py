@@ -10,13 +10,13 @@ import shutil
 import time
 from pathlib import Path
 
-from server.catalog import Catalog, Variant, split_model_name
+from server.catalog import BASE_METHOD, Catalog, Variant, split_model_name
 from server.engines.hardware import Hardware, engine_dtype
 from server.engines.local import LocalEngineConfig, last_flag
 from server.engines.remote import RemoteEngine
 from server.engines.supervisor import EngineSupervisor
 from server.models.embedded import find_bundled_gguf
-from server.registry.builder import VariantBuilder, catalog_variant
+from server.registry.builder import VariantBuilder
 from server.registry.service import BASE_VARIANT, ModelService
 from server.registry.store import Registry, VariantRecord, VariantState
 from server.settings import RemoteEngineSpec, Settings
@@ -70,13 +70,8 @@ class Bootstrap:
             tasks.create_task(self.builder.run())
 
     async def _serve_registered(self) -> None:
-        """Put every registered variant in the catalog; start engines for the ready ones."""
-        starts = []
-        for model in self.registry.models():
-            for record in self.registry.variants(model.name):
-                self.catalog.add_variant(catalog_variant(record), int(model.created_at))
-                if record.state is VariantState.READY:
-                    starts.append(self._start_ready(record))
+        """Start engines for the registered ready variants (the catalog follows the registry)."""
+        starts = [self._start_ready(r) for r in self.registry.variants() if r.state is VariantState.READY]
         results = await asyncio.gather(*starts, return_exceptions=True)
         for result in results:
             if isinstance(result, Exception):
@@ -109,8 +104,8 @@ _BASE_NAMES = {"bf16": 16, "fp16": 16, "fp32": 32, "base": 16}
 def _declared_variant(model: str, name: str, spec: RemoteEngineSpec) -> Variant:
     """A remote variant's metadata with no registry record: as declared in the settings, else
     guessed from its name (then it has no measured quality and ranks after measured variants)."""
-    method = spec.method or ("base" if name in _BASE_NAMES else name)
+    method = spec.method or (BASE_METHOD if name in _BASE_NAMES else name)
     guessed = _BASE_NAMES.get(name, 4 if "4" in name else 8 if "8" in name else 16)
-    ppl_delta = 0.0 if method == "base" else spec.ppl_delta
+    ppl_delta = 0.0 if method == BASE_METHOD else spec.ppl_delta
     return Variant(model=model, name=name, method=method, bits=spec.bits or guessed, size_bytes=spec.size_bytes,
                    ppl_delta=ppl_delta)

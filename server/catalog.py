@@ -1,8 +1,10 @@
-"""Logical models and their variants, as the HTTP layer sees them.
+"""Logical models and their variants, as the serving path sees them.
 
 A logical model (`smollm2-135m`) has a ladder of variants (`smollm2-135m@bf16`, `...@int8`),
-ordered from most to least accurate. The registry (SQLite) fills this in; the skeleton fills
-it with the bundled model's base variant.
+ordered from most to least accurate. The catalog is a read view: it follows the registry
+(`Catalog.follow`; the registry, server/registry/store.py, is the only writer of variant state and
+tells the catalog of each committed write), and holds besides the remote variants declared in the
+settings that no registry record describes (`add_variant`).
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from server.errors import ModelNotFound
+from server.registry.store import Registry, VariantRecord, VariantState
 
 VARIANT_SEPARATOR = "@"
+BASE_METHOD = "base"  # the method of a model's source checkpoint, the reference of its ladder
 
 
 @dataclass(frozen=True)
@@ -23,14 +27,32 @@ class Variant:
     size_bytes: int | None = None
     ppl: float | None = None
     ppl_delta: float | None = None  # relative to the base, 0.015 = +1.5 %
-    state: str = "ready"  # the registry's state: pending, compressing, evaluating, ready, ...
+    state: VariantState = VariantState.READY  # a declared remote variant is ready as declared
     reason: str | None = None  # why it is rejected, failed or unsupported
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state", VariantState(self.state))  # "ready" -> VariantState.READY; checked
+
+    @classmethod
+    def from_record(cls, record: VariantRecord) -> Variant:
+        return cls(model=record.model, name=record.name, method=record.method, bits=record.bits,
+                   size_bytes=record.size_bytes, ppl=record.ppl, ppl_delta=record.ppl_delta,
+                   state=record.state, reason=record.reason)  # fmt: skip
+
+    @property
+    def is_base(self) -> bool:
+        return self.method == BASE_METHOD
 
     @property
     def servable(self) -> bool:
         """May take traffic once its engine is healthy: a ready variant, or the base while its
         own evaluation runs (the base is the reference, there is nothing to gate it against)."""
-        return self.state == "ready" or (self.method == "base" and self.state == "evaluating")
+        return self.state is VariantState.READY or (self.is_base and self.state is VariantState.EVALUATING)
+
+    @property
+    def withdrawn(self) -> bool:
+        """Measured or tried and not served: rejected by its gate, failed, or unsupported here."""
+        return self.state in (VariantState.REJECTED, VariantState.FAILED, VariantState.UNSUPPORTED)
 
     @property
     def id(self) -> str:
@@ -39,7 +61,7 @@ class Variant:
 
 def accuracy_key(variant: Variant) -> tuple[bool, bool, float]:
     """Sorts most accurate first: the base, then by measured ppl delta, unmeasured last."""
-    return (variant.method != "base", variant.ppl_delta is None, variant.ppl_delta or 0.0)
+    return (not variant.is_base, variant.ppl_delta is None, variant.ppl_delta or 0.0)
 
 
 @dataclass
@@ -63,12 +85,24 @@ class Catalog:
     def __init__(self) -> None:
         self._models: dict[str, LogicalModel] = {}
 
+    def follow(self, registry: Registry) -> None:
+        """Load every registered variant, then stay in step with the registry's writes."""
+        for model in registry.models():
+            for record in registry.variants(model.name):
+                self.variant_written(record, model.created_at)
+        registry.watch(self)
+
+    # server.registry.store.RegistryWatcher
+    def variant_written(self, record: VariantRecord, model_created_at: float) -> None:
+        self.add_variant(Variant.from_record(record), int(model_created_at))
+
+    def model_removed(self, name: str) -> None:
+        self._models.pop(name, None)
+
     def add_variant(self, variant: Variant, created: int) -> None:
+        """Add or replace a variant (a declared remote one; registered ones arrive through `follow`)."""
         model = self._models.setdefault(variant.model, LogicalModel(variant.model, created))
         model.variants = [v for v in model.variants if v.name != variant.name] + [variant]
-
-    def remove_model(self, name: str) -> None:
-        self._models.pop(name, None)
 
     def models(self) -> list[LogicalModel]:
         return list(self._models.values())

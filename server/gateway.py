@@ -169,10 +169,11 @@ class Gateway:
         if pinned is not None:
             chosen = next(c for c in candidates if c.variant.id == pinned.id)
             if not (chosen.serving and pinned.servable):
-                if pinned.state in ("rejected", "failed", "unsupported"):
-                    raise EngineUnavailable(f"variant '{pinned.id}' is {pinned.state} and not served; see "
-                                            "GET /admin/models for the reason")  # fmt: skip
-                raise EngineUnavailable(f"variant '{pinned.id}' is not being served yet (state {pinned.state})",
+                if pinned.withdrawn:
+                    raise EngineUnavailable(f"variant '{pinned.id}' is {pinned.state.value} and not served; "
+                                            "see GET /admin/models for the reason")  # fmt: skip
+                raise EngineUnavailable(f"variant '{pinned.id}' is not being served yet "
+                                        f"(state {pinned.state.value})",
                                         headers={"Retry-After": "5"})
             if pinned.id in full_ids:
                 raise self._at_capacity(features, [chosen], f"variant '{pinned.id}'")

@@ -24,7 +24,6 @@ from optimizers.data import PROFILES, evaluation_windows
 from optimizers.evaluate import perplexity
 from optimizers.job import checkpoint_bytes
 from optimizers.registry import make_config
-from server.catalog import Catalog, Variant
 from server.engines.base import Engine, EngineState
 from server.engines.local import LocalEngine, LocalEngineConfig
 from server.engines.remote import RemoteEngine
@@ -45,19 +44,12 @@ class BuildFailed(Exception):
     pass
 
 
-def catalog_variant(record: VariantRecord) -> Variant:
-    return Variant(model=record.model, name=record.name, method=record.method, bits=record.bits,
-                   size_bytes=record.size_bytes, ppl=record.ppl, ppl_delta=record.ppl_delta,
-                   state=record.state.value, reason=record.reason)  # fmt: skip
-
-
 class VariantBuilder:
-    def __init__(self, registry: Registry, catalog: Catalog, supervisor: EngineSupervisor, home: Path,
+    def __init__(self, registry: Registry, supervisor: EngineSupervisor, home: Path,
                  engine_config: EngineFactory, remote_engines: dict[str, RemoteEngineSpec], profile: str,
                  compress_timeout_s: float, book: LatencyBook, compress_python: str | None = None,
                  engine_ready_timeout_s: float = 900.0, chat_gate: ChatGate | None = None) -> None:  # fmt: skip
         self.registry = registry
-        self.catalog = catalog
         self.supervisor = supervisor
         self.home = home
         self.engine_config = engine_config
@@ -121,7 +113,6 @@ class VariantBuilder:
                                               reason=None)
         else:
             record = await self._compress(model, record)
-        self.catalog.add_variant(catalog_variant(record), int(model.created_at))
         if record.state is VariantState.FAILED:
             return
         try:
@@ -175,9 +166,8 @@ class VariantBuilder:
             else:
                 reason = judge(chat, base_chat, self.chat_gate)
         if reason is not None:
+            # The catalog learns it at the transition, before the engine stops: no request sees a stale state.
             record = self.registry.transition(record.id, VariantState.REJECTED, reason=reason, **fields)
-            # The catalog learns it before the engine stops, so no request sees a stale state meanwhile.
-            self.catalog.add_variant(catalog_variant(record), int(model.created_at))
             await self.supervisor.remove(record.id)
             logger.warning("variant %s rejected: %s", record.id, reason)
         else:
@@ -186,7 +176,6 @@ class VariantBuilder:
             record = self.registry.transition(record.id, VariantState.READY, **fields)
             logger.info("variant %s ready: ppl %.3f (delta %s), chat %d/%d right, %d loops", record.id, ppl.ppl,
                         "n/a" if delta is None else f"{delta:+.1%}", chat.correct, chat.prompts, chat.loops)
-        self.catalog.add_variant(catalog_variant(record), int(model.created_at))
 
     async def _base_chat(self, base: VariantRecord | None) -> ChatScore | None:
         """The base's chat answers: stored when it was evaluated, else (a registry from before the
@@ -247,8 +236,6 @@ class VariantBuilder:
 
     def _fail(self, variant_id: str, reason: str) -> None:
         try:
-            record = self.registry.transition(variant_id, VariantState.FAILED, reason=reason)
+            self.registry.transition(variant_id, VariantState.FAILED, reason=reason)
         except RegistryError as exc:  # e.g. the model was removed while it was being built
             logger.warning("could not mark %s failed: %s", variant_id, exc)
-            return
-        self.catalog.add_variant(catalog_variant(record), int(record.created_at))

@@ -12,10 +12,9 @@ from typing import Any
 
 from optimizers.base import Device, MethodConfig, ModelInfo, OptimizerError
 from optimizers.registry import make_config
-from server.catalog import Catalog
 from server.engines.probe import KernelProbe
 from server.engines.supervisor import EngineSupervisor
-from server.registry.builder import VariantBuilder, catalog_variant
+from server.registry.builder import VariantBuilder
 from server.registry.ingest import IngestError, ingest
 from server.registry.store import ModelRecord, Registry
 from server.settings import Settings
@@ -54,12 +53,11 @@ def host_ladder(configs: list[MethodConfig], kernels: KernelProbe, info: ModelIn
 
 
 class ModelService:
-    def __init__(self, settings: Settings, registry: Registry, builder: VariantBuilder, catalog: Catalog,
+    def __init__(self, settings: Settings, registry: Registry, builder: VariantBuilder,
                  supervisor: EngineSupervisor, device: str, kernels: KernelProbe | None = None) -> None:
         self.settings = settings
         self.registry = registry
         self.builder = builder
-        self.catalog = catalog
         self.supervisor = supervisor
         self.device = device
         self.kernels = kernels or KernelProbe(device=device, kernels={}, source="none")
@@ -88,8 +86,6 @@ class ModelService:
         for method, reason in unsupported.items():
             logger.warning("%s@%s not built: %s", name, method, reason)
         self.registry.add_model(record, variants, unsupported)
-        for variant in self.registry.variants(name):
-            self.catalog.add_variant(catalog_variant(variant), int(record.created_at))
         logger.info("registered %s (%s) with variants %s", name, source.path, [v[0] for v in variants])
         self.builder.wake()
         return record
@@ -97,7 +93,6 @@ class ModelService:
     async def remove(self, name: str) -> None:
         variants = self.registry.remove_model(name)
         await asyncio.gather(*(self.supervisor.remove(v.id) for v in variants))
-        self.catalog.remove_model(name)
         logger.info("removed %s and its %d variant(s)", name, len(variants))
 
     def job(self, job_id: int) -> dict[str, Any]:

@@ -14,9 +14,10 @@ import enum
 import json
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from server.registry.db import connect
 
@@ -124,10 +125,44 @@ class JobRecord:
     finished_at: float | None
 
 
+class RegistryWatcher(Protocol):
+    """Told of every committed write to a variant (its record as now stored) and of every removed model."""
+
+    def variant_written(self, record: VariantRecord, model_created_at: float) -> None: ...
+
+    def model_removed(self, name: str) -> None: ...
+
+
 class Registry:
+    """The only writer of variant state. Watchers (the serving catalog, server/catalog.py) are told of
+    each write once it is committed, so no other code keeps a copy in step by hand."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db = connect(path)
+        self._watchers: list[RegistryWatcher] = []
+        self._unpublished: list[Callable[[RegistryWatcher], None]] = []  # the open transaction's
+
+    def watch(self, watcher: RegistryWatcher) -> None:
+        self._watchers.append(watcher)
+
+    def _publish(self, event: Callable[[RegistryWatcher], None]) -> None:
+        self._unpublished.append(event)
+        if not self._db.in_transaction:
+            self._flush(committed=True)
+
+    def _flush(self, committed: bool) -> None:
+        events, self._unpublished = self._unpublished, []
+        if committed:
+            for event in events:
+                for watcher in self._watchers:
+                    event(watcher)
+
+    def _variant_written(self, variant_id: str) -> VariantRecord:
+        record = self.variant(variant_id)
+        created = self.model(record.model).created_at
+        self._publish(lambda watcher: watcher.variant_written(record, created))
+        return record
 
     def close(self) -> None:
         self._db.close()
@@ -149,8 +184,11 @@ class Registry:
                         "INSERT INTO variants (id, model, name, method, bits, config_json, state, reason,"
                         " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (f"{record.name}@{name}", record.name, name, method, bits, json.dumps(config),
-                         "unsupported" if name in unsupported else "pending", unsupported.get(name), now, now),
+                         (S.UNSUPPORTED if name in unsupported else S.PENDING).value, unsupported.get(name),
+                         now, now),
                     )
+                for name, *_ in variants:
+                    self._variant_written(f"{record.name}@{name}")
         except sqlite3.IntegrityError as exc:
             raise AlreadyExists(f"model {record.name!r} is already registered") from exc
 
@@ -168,6 +206,7 @@ class Registry:
         variants = self.variants(name)
         self.model(name)
         self._db.execute("DELETE FROM models WHERE name = ?", (name,))
+        self._publish(lambda watcher: watcher.model_removed(name))
         return variants
 
     # variants
@@ -205,16 +244,18 @@ class Registry:
                                   (*columns.values(), variant_id, current.value))
         if cursor.rowcount != 1:
             raise IllegalTransition(f"{variant_id} changed state concurrently")
-        return self.variant(variant_id)
+        return self._variant_written(variant_id)
 
     def set_latency(self, variant_id: str, latency: dict[str, Any] | None) -> None:
         """Store a variant's latency priors (measurements, not a state change)."""
         self._db.execute("UPDATE variants SET latency_json = ? WHERE id = ?",
                          (json.dumps(latency) if latency is not None else None, variant_id))
+        self._variant_written(variant_id)
 
     def set_chat(self, variant_id: str, chat: dict[str, Any]) -> None:
         """Store a variant's chat answers measured after the fact (a base from before the chat gate)."""
         self._db.execute("UPDATE variants SET chat_json = ? WHERE id = ?", (json.dumps(chat), variant_id))
+        self._variant_written(variant_id)
 
     def recover(self) -> list[VariantRecord]:
         """After a crash: interrupted variants back to pending (failed after MAX_ATTEMPTS), their
@@ -270,14 +311,16 @@ class Registry:
         return [JobRecord(**dict(r)) for r in self._db.execute("SELECT * FROM jobs WHERE state = 'running'")]
 
     def _tx(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._flush)
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (nesting is flattened)."""
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error (nesting is flattened); then the watchers are
+    told of what was committed, or nothing of what was rolled back."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, done: Callable[[bool], None]) -> None:
         self._db = db
+        self._done = done
         self._outer = False
 
     def __enter__(self) -> None:
@@ -288,3 +331,4 @@ class _Transaction:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._outer:
             self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            self._done(exc_type is None)

@@ -216,7 +216,7 @@ class Concentrator:
 
     def _outlook(self, variant: Variant, rate: float, sample: list[RequestFeatures],
                  predict: Predict, largest_batch: LargestBatch | None = None) -> RungOutlook | None:  # fmt: skip
-        if variant.method != "base" and variant.ppl_delta is None:
+        if not variant.is_base and variant.ppl_delta is None:
             return None  # unmeasured quality: never made active
         if predict(variant.id, 1, 1, EngineLoad()) is None:
             return None  # no priors yet

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from server.catalog import Catalog
 from server.registry.db import MIGRATIONS, connect
 from server.registry.store import (
     MAX_ATTEMPTS,
@@ -146,3 +147,51 @@ def test_a_rung_the_host_cannot_run_is_registered_unsupported_and_never_built(tm
     assert registry.next_pending() is None  # nothing left to build
     with pytest.raises(IllegalTransition):
         registry.transition("u@awq", S.COMPRESSING)
+
+
+def _states(catalog) -> dict[str, str]:
+    return {v.id: v.state.value for m in catalog.models() for v in m.variants}
+
+
+def test_the_catalog_follows_every_committed_write(registry: Registry, tmp_path) -> None:
+    catalog = Catalog()
+    catalog.follow(registry)  # what is registered already
+    assert _states(catalog) == {"m@bf16": "pending", "m@int8": "pending"}
+    registry.transition("m@int8", S.COMPRESSING)  # written by the registry only; the catalog is told
+    registry.transition("m@int8", S.EVALUATING, ppl=10.0, ppl_delta=0.02)
+    _, int8 = catalog.resolve("m@int8")
+    assert (int8.state, int8.ppl_delta) == (S.EVALUATING, 0.02)
+    registry.add_model(_model("n"), [("bf16", "base", 16, {}), ("int4", "int4-gptq", 4, {})],
+                       {"int4": "no kernel"})
+    _, int4 = catalog.resolve("n@int4")
+    assert (int4.state, int4.reason, int4.withdrawn) == (S.UNSUPPORTED, "no kernel", True)
+    registry.remove_model("m")
+    assert [m.name for m in catalog.models()] == ["n"]
+
+
+def test_a_rolled_back_write_is_never_published(registry: Registry) -> None:
+    catalog = Catalog()
+    catalog.follow(registry)
+    with pytest.raises(AlreadyExists):  # its variants' inserts are rolled back with the model's
+        registry.add_model(_model(), [("bf16", "base", 16, {}), ("w4", "awq", 4, {})])
+    assert _states(catalog) == {"m@bf16": "pending", "m@int8": "pending"}
+
+
+def test_recovery_is_published_once_committed(registry: Registry) -> None:
+    registry.transition("m@int8", S.COMPRESSING)
+    seen: list[tuple[str, str]] = []
+
+    class Watcher:
+        def variant_written(self, record, model_created_at: float) -> None:
+            # told after COMMIT: a second connection already sees what the watcher is told
+            seen.append((record.id, Registry(registry.path).variant(record.id).state.value))
+
+        def model_removed(self, name: str) -> None:
+            raise AssertionError(name)
+
+    catalog = Catalog()
+    catalog.follow(registry)
+    registry.watch(Watcher())
+    registry.recover()
+    assert seen == [("m@int8", "pending")]
+    assert _states(catalog)["m@int8"] == "pending"

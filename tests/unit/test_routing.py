@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from server.catalog import Variant
+from server.registry.store import VariantState
 from server.routing.config import RoutingConfig
 from server.routing.filters.healthy import HealthyFilter
 from server.routing.filters.quality_floor import QualityFloorFilter
@@ -21,7 +22,7 @@ from server.routing.types import Budget, Candidate, EngineLoad, Prediction, Requ
 BASE = Variant("m", "bf16", "base", 16, size_bytes=270)
 INT8 = Variant("m", "int8", "int8", 8, size_bytes=160, ppl_delta=0.015)
 INT4 = Variant("m", "int4", "int4-gptq", 4, size_bytes=110, ppl_delta=0.21)
-UNMEASURED = Variant("m", "new", "awq", 4, state="evaluating")
+UNMEASURED = Variant("m", "new", "awq", 4, state=VariantState.EVALUATING)
 
 
 def pred(e2e: float, ttft: float = 50.0, tpot: float = 20.0, idle: float | None = None) -> Prediction:
@@ -46,7 +47,8 @@ def feats(e2e: float | None = None, ttft: float | None = None, tpot: float | Non
     (cand(BASE), True),
     (cand(BASE, serving=False), False),
     (cand(UNMEASURED), False),  # evaluating and not the base: not servable
-    (cand(Variant("m", "bf16", "base", 16, state="evaluating")), True),  # the base serves while measured
+    # the base serves while it is measured
+    (cand(Variant("m", "bf16", "base", 16, state=VariantState.EVALUATING)), True),
 ])  # fmt: skip
 def test_healthy_filter(candidate: Candidate, kept: bool) -> None:
     assert HealthyFilter().keep(candidate, feats()) is kept

@@ -23,7 +23,7 @@ class QualityFloorFilter:
 
     def keep(self, candidate: Candidate, features: RequestFeatures) -> bool:
         variant = candidate.variant
-        if variant.method == "base":
+        if variant.is_base:
             return True
         if self.config.max_ppl_delta is None:
             return True

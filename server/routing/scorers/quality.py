@@ -21,7 +21,7 @@ class QualityScorer:
 
     def score(self, candidate: Candidate, features: RequestFeatures, candidates: Sequence[Candidate]) -> float:
         variant = candidate.variant
-        if variant.method == "base":
+        if variant.is_base:
             return 1.0
         if variant.ppl_delta is None:
             return 0.0
