@@ -31,7 +31,7 @@ from server.errors import EnginesAtCapacity, EngineUnavailable, NoVariantWithinB
 from server.metrics import GatewayMetrics
 from server.observations import Call, Observations, Observed
 from server.registry.service import ModelService
-from server.routing.concentrate import Concentrator, device_priced, standby_map
+from server.routing.concentrate import Concentrator, DeviceRegime, device_priced, standby_map
 from server.routing.config import RoutingConfig
 from server.routing.predictor import Admissions, LatencyBook, RawPrediction
 from server.routing.router import Router
@@ -85,8 +85,22 @@ class Gateway:
             concentrator = self.concentrator(model.name)
             if concentrator.due(now):
                 rungs = [(v, serving[v.id]) for v in model.variants if v.servable and v.id in serving]
+                before = {device: regime.active for device, regime in concentrator.regimes.items()}
                 concentrator.evaluate(rungs, device_priced(self.book.get, concentrator, serving), now,
                                       self._largest_batch)
+                for device, regime in concentrator.regimes.items():
+                    if regime.active != before.get(device):
+                        self._switched(model.name, device, before.get(device), regime)
+
+    def _switched(self, model: str, device: str, previous: str | None, regime: DeviceRegime) -> None:
+        """A device's active rung changed: logged with the reason and counted, so a switch (and what it cost)
+        can be found against the traffic afterwards."""
+        logger.info("%s on %s: active rung %s -> %s (%s)", model, device, previous or "none", regime.active or "none",
+                    regime.reason)
+        self.metrics.rung_switches.labels(model, device, regime.active or "").inc()
+        rungs = {o.variant_id for o in regime.outlooks} | {previous, regime.active}
+        for variant_id in rungs - {None}:
+            self.metrics.active_rung.labels(model, device, variant_id).set(float(variant_id == regime.active))
 
     def _largest_batch(self, variant_id: str) -> int | None:
         latency = self.book.get(variant_id)

@@ -222,6 +222,14 @@ class GatewayMetrics:
             "quantgate_predictor_error_ratio", "observed / predicted latency of routed requests",
             ["variant", "kind"], buckets=(0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4), registry=r,
         )  # fmt: skip
+        self.rung_switches = Counter(
+            "quantgate_rung_switches", "a shared device's active rung changed (server/routing/concentrate.py)",
+            ["model", "device", "to"], registry=r,
+        )  # fmt: skip
+        self.active_rung = Gauge(
+            "quantgate_active_rung", "1 for the active rung of a shared device, 0 for its other rungs",
+            ["model", "device", "variant"], registry=r,
+        )  # fmt: skip
         self.retries = Counter(
             "quantgate_upstream_retries", "requests moved to another variant before any byte was sent",
             ["model", "variant"], registry=r,

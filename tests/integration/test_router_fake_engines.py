@@ -285,3 +285,12 @@ def test_rungs_of_one_simulated_device_take_turns_not_traffic_together(tmp_path)
         loose = [v for at, b, v in served if b == "5000" and at > started + 1.5]
         assert len(loose) >= 10 and loose.count("sim@int8") >= 0.9 * len(loose), Counter(loose)
         assert all(v == "sim@int8" for at, b, v in served if b == "350" and at > started + 1.5)
+        # Every switch of the active rung is counted, shown as a gauge and logged with its reason.
+        metrics = httpx.get(f"{gateway.url}/metrics").text
+        assert 'quantgate_active_rung{device="gpu-0",model="sim",variant="sim@int8"} 1.0' in metrics, metrics
+        assert 'quantgate_active_rung{device="gpu-0",model="sim",variant="sim@bf16"} 0.0' in metrics, metrics
+        switched = [line for line in metrics.splitlines() if line.startswith("quantgate_rung_switches_total{")]
+        assert any('to="sim@int8"' in line and float(line.split()[-1]) >= 1 for line in switched), switched
+        # (at no traffic the base is active: every rung meets every budget and it is the most accurate)
+        assert "sim on gpu-0: active rung sim@bf16 -> sim@int8 (sim@int8 beat sim@bf16 by" in \
+            gateway.log_path.read_text(), gateway.log_tail()
