@@ -262,6 +262,7 @@ def run(args: argparse.Namespace, url: str, out: Path | None = None) -> dict:
         span = requests[-1].at_unit / rate
         time.sleep(args.pause_s)
         sent, offset = with_warmup(requests, warmups[seed], rate, args.warmup_s)
+        began = time.time()  # wall clock, to line the run up with the gateway's log (e.g. rung switches)
         results = replay(pool, args.client_processes, url, sent, rate, scenario,
                          (args.model, base, fastest, ladder), headers)  # fmt: skip
         results = [dataclasses.replace(r, sent_at=r.sent_at - offset) for r in results if r.index >= 0]
@@ -274,8 +275,10 @@ def run(args: argparse.Namespace, url: str, out: Path | None = None) -> dict:
             for record in records:
                 record.pop("itl_ms")
         report["runs"].append({"seed": seed, "scenario": scenario, "load": load, "rate_rps": rate, "span_s": span,
+                               "began_unix": began, "measured_from_unix": began + offset,
                                **summary, "results": records})  # fmt: skip
-        print(f"seed {seed} load {load:>4}x ({rate:6.2f} req/s, {n} req)  {scenario:<15} attainment "
+        print(f"{time.strftime('%H:%M:%S', time.localtime(began))} seed {seed} load {load:>4}x "
+              f"({rate:6.2f} req/s, {n} req)  {scenario:<15} attainment "
               f"{summary['budget_attainment']:.0%}  goodput {summary['goodput_rps']:.2f}/s  "
               f"ttft p50 {summary['ttft_ms_p50']}  e2e p50 {summary['e2e_ms_p50']}  {summary['variants']}",
               flush=True)  # fmt: skip

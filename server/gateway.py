@@ -191,6 +191,10 @@ class Gateway:
                                         headers={"Retry-After": "5"})
             if pinned.id in full_ids:
                 raise self._at_capacity(features, [chosen], f"variant '{pinned.id}'")
+            # Pinned traffic loads the device as routed traffic does: the active rung is chosen on both
+            # (unseen, a device carrying pinned traffic looked idle, and the rung chosen for that trickle
+            # took the routed traffic when it came: loadtests/results/2026-12-06/router-h100-10a87e5.md).
+            self.concentrator(model.name).arrive(features, time.monotonic())
             return Decision(pinned, chosen.prediction, "pinned", "none"), raws
         admitted = [c for c in candidates if c.variant.id not in full_ids]
         concentrator = self.concentrator(model.name)

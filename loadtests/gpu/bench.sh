@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${1:?out dir}
 W=/tmp/gpu-bench
 mkdir -p "$OUT" "$W"
-export QUANTGATE_HOME=/tmp/qg-home QUANTGATE_PORT=8000 QUANTGATE_EMBEDDED_MODEL=false QUANTGATE_LOG_LEVEL=warning
+export QUANTGATE_HOME=/tmp/qg-home QUANTGATE_PORT=8000 QUANTGATE_EMBEDDED_MODEL=false QUANTGATE_LOG_LEVEL=info
 export QUANTGATE_REMOTE_ENGINES='{
  "llama-3.1-8b@bf16": {"url": "http://127.0.0.1:8101", "method": "base", "bits": 16, "ppl_delta": 0.0, "priority_scheduling": true},
  "llama-3.1-8b@fp8": {"url": "http://127.0.0.1:8102", "method": "fp8", "bits": 8, "ppl_delta": 0.005, "priority_scheduling": true},

@@ -29,6 +29,8 @@ if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
     SECONDS_PER_RUN=${SECONDS_PER_RUN:-20} CLIENT_PROCESSES=${CLIENT_PROCESSES:-4} WARMUP_S=${WARMUP_S:-5} OVERHEAD=0 \
     bash loadtests/gpu/bench.sh "$OUT"
   curl -fs 127.0.0.1:8000/admin/routing/llama-3.1-8b > "$OUT/routing-end.json"
+  # Every change of the active rung, with its time and reason, against the bench's own progress.
+  grep "active rung" "$W/gateway.log" > "$OUT/switches.txt"
   # At most 8 files come back: the plots are drawn here from the JSON (python -m loadtests.plots), so the
   # routing view, the gateway's log tail and the progress come back instead; the JSON travels gzipped.
   rm -f "$OUT"/*.png; gzip -f "$OUT"/bench-*.json

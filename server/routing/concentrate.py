@@ -5,7 +5,8 @@ four engines decoding in turn cost about the sum of their steps. On one H200 the
 requests over four rungs and every one of them ran 2.6-4.8x slower than alone; each single rung
 beat it (the shared-device router issue). So, per model and device group:
 
-    every `evaluate_every_s`, over the requests of the last `window_s`:
+    every `evaluate_every_s`, over the requests of the last `window_s` (routed and pinned alike:
+    both load the device):
       rate   = arrivals per second, the larger of the window's and the last `rate_fast_s`'s (a
                rise in load is seen within seconds, a fall only as the window empties), shared
                evenly when the model's rungs sit on several devices

@@ -238,20 +238,26 @@ def test_engines_on_one_device_price_each_other_engines_on_another_do_not() -> N
         assert int4["e2e_ms"] == pytest.approx(int4["idle_e2e_ms"], rel=0.05)
 
 
+SIM_ROUTING = {"shared_device": {"evaluate_every_s": 0.25, "window_s": 5, "min_dwell_s": 0}}
+
+
+def _simulated_device(tmp_path) -> dict:
+    """Two FakeEngines on one simulated device (each token costs 1 + busy others times its own)."""
+    device = tmp_path / "gpu-0"
+    device.mkdir()
+    return {
+        "sim@bf16": {"tpot_ms": 20, "device_dir": str(device), "spec": {"method": "base", "device": "gpu-0"}},
+        "sim@int8": {"tpot_ms": 8, "device_dir": str(device),
+                     "spec": {"method": "int8", "bits": 8, "ppl_delta": 0.02, "device": "gpu-0"}},
+    }  # fmt: skip
+
+
 def test_rungs_of_one_simulated_device_take_turns_not_traffic_together(tmp_path) -> None:
     """Two FakeEngines simulate one device (each token costs 1 + busy others times its own). Under a
     steady mix of tight budgets (only int8 meets them: the base needs ~430 ms for 20 tokens alone) and
     loose ones (both meet them), the router makes int8 the device's active rung and sends the loose
     requests there too while the device is busy, instead of starting the base beside it."""
-    device = tmp_path / "gpu-0"
-    device.mkdir()
-    fakes = {
-        "sim@bf16": {"tpot_ms": 20, "device_dir": str(device), "spec": {"method": "base", "device": "gpu-0"}},
-        "sim@int8": {"tpot_ms": 8, "device_dir": str(device),
-                     "spec": {"method": "int8", "bits": 8, "ppl_delta": 0.02, "device": "gpu-0"}},
-    }  # fmt: skip
-    routing = {"shared_device": {"evaluate_every_s": 0.25, "window_s": 5, "min_dwell_s": 0}}
-    with fake_fleet(fakes, "router-fakes-sim", QUANTGATE_ROUTING=json.dumps(routing),
+    with fake_fleet(_simulated_device(tmp_path), "router-fakes-sim", QUANTGATE_ROUTING=json.dumps(SIM_ROUTING),
                     QUANTGATE_LOAD_SCRAPE_INTERVAL_S="0.25") as (gateway, _):  # fmt: skip
         served: list[tuple[float, str, str]] = []  # (sent at, budget, variant)
 
@@ -294,3 +300,35 @@ def test_rungs_of_one_simulated_device_take_turns_not_traffic_together(tmp_path)
         # (at no traffic the base is active: every rung meets every budget and it is the most accurate)
         assert "sim on gpu-0: active rung sim@bf16 -> sim@int8 (sim@int8 beat sim@bf16 by" in \
             gateway.log_path.read_text(), gateway.log_tail()
+
+
+def test_pinned_traffic_counts_in_the_device_regime(tmp_path) -> None:
+    """Requests pinned to a rung load the device like routed ones: with only pinned traffic (tight
+    budgets, 4 at a time), the regime sees its rate and makes int8 active, so the first routed requests
+    after it go to the rung that carries that load, not to the one chosen for an idle device."""
+    with fake_fleet(_simulated_device(tmp_path), "router-fakes-pinned", QUANTGATE_ROUTING=json.dumps(SIM_ROUTING),
+                    QUANTGATE_LOAD_SCRAPE_INTERVAL_S="0.25") as (gateway, _):  # fmt: skip
+        idle = {d["device"]: d for d in admin(gateway, "GET", "/admin/routing/sim").json()["devices"]}["gpu-0"]
+        assert idle["active"] == "sim@bf16" and idle["rate_rps"] == 0, idle
+
+        async def client(until: float) -> None:
+            async with httpx.AsyncClient(timeout=30) as http:
+                while time.monotonic() < until:
+                    r = await http.post(f"{gateway.url}/v1/chat/completions",
+                                        json={"model": "sim@int8", "messages": HELLO, "max_tokens": 20},
+                                        headers={"Authorization": f"Bearer {API_KEY}",
+                                                 "x-latency-budget-ms": "350"})  # fmt: skip
+                    assert r.status_code == 200 and r.headers["x-quantgate-variant"] == "sim@int8", r.text
+
+        async def load(seconds: float) -> None:
+            until = time.monotonic() + seconds
+            await asyncio.gather(*(client(until) for _ in range(4)))
+
+        asyncio.run(load(3))
+        regime = {d["device"]: d for d in admin(gateway, "GET", "/admin/routing/sim").json()["devices"]}["gpu-0"]
+        assert regime["rate_rps"] > 1 and regime["active"] == "sim@int8", regime
+        # A loose budget both rungs meet: the active rung takes it (on an idle regime, the base would).
+        routed = httpx.post(f"{gateway.url}/v1/chat/completions",
+                            json={"model": "sim", "messages": HELLO, "max_tokens": 20}, timeout=30,
+                            headers={"Authorization": f"Bearer {API_KEY}", "x-latency-budget-ms": "5000"})
+        assert routed.status_code == 200 and routed.headers["x-quantgate-variant"] == "sim@int8", routed.headers
