@@ -24,6 +24,42 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20,
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
 
+class _Children:
+    """`labels()` that finds a child once per label set: prometheus_client checks the names, converts
+    the values and takes a lock on every call, and the gateway makes about ten calls per proxied
+    request (loadtests/results/2026-12-05/overhead-fake-cpu.md, the profile). Nothing here calls
+    `remove()` or `clear()`, which would leave this cache pointing at dropped children."""
+
+    _labelnames: tuple[str, ...]
+    _found: dict[tuple, object]
+
+    def labels(self, *values: object, **by_name: object):  # type: ignore[no-untyped-def]
+        try:
+            key = values if values else tuple(by_name[name] for name in self._labelnames)
+            return self._found[key]
+        except AttributeError:  # the first call on this metric
+            self._found = {}
+        except KeyError:  # a new label set, or a name this metric does not have
+            pass
+        if by_name and sorted(by_name) != sorted(self._labelnames):
+            raise ValueError(f"labels {sorted(by_name)} are not {sorted(self._labelnames)}")
+        key = values if values else tuple(by_name[name] for name in self._labelnames)
+        child = self._found[key] = super().labels(*key)  # type: ignore[misc]
+        return child
+
+
+class _Counter(_Children, Counter):
+    pass
+
+
+class _Gauge(_Children, Gauge):
+    pass
+
+
+class _Histogram(_Children, Histogram):
+    pass
+
+
 class _EngineCollector(Collector):
     """Engine up/restarts and scraped load, read at scrape time (no bookkeeping to drift)."""
 
@@ -182,55 +218,55 @@ class GatewayMetrics:
                  catalog: Catalog | None = None, registry: Registry | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        self.requests = _Counter(
             "quantgate_requests", "requests answered, by outcome",
             ["model", "variant", "endpoint", "tier", "status"], registry=r,
         )  # fmt: skip
-        self.e2e = Histogram(
+        self.e2e = _Histogram(
             "quantgate_request_duration_seconds", "end-to-end latency of successful requests",
             ["model", "variant", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.ttft = Histogram(
+        self.ttft = _Histogram(
             "quantgate_time_to_first_token_seconds", "time to the first streamed token",
             ["model", "variant"], buckets=_LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.itl = Histogram(
+        self.itl = _Histogram(
             "quantgate_inter_token_seconds", "time between streamed chunks",
             ["model", "variant"], buckets=_TOKEN_BUCKETS, registry=r,
         )  # fmt: skip
-        self.overhead = Histogram(
+        self.overhead = _Histogram(
             "quantgate_gateway_overhead_seconds", "time spent in the gateway before the upstream call",
             ["endpoint"], buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1), registry=r,
         )  # fmt: skip
-        self.in_flight = Gauge(
+        self.in_flight = _Gauge(
             "quantgate_in_flight_requests", "requests being served, per variant", ["variant"], registry=r
         )
-        self.tokens = Counter(
+        self.tokens = _Counter(
             "quantgate_tokens", "tokens processed, from the engines' usage reports",
             ["model", "variant", "kind"], registry=r,
         )  # fmt: skip
-        self.decisions = Counter(
+        self.decisions = _Counter(
             "quantgate_routing_decisions", "routing decisions, by the reason the variant was chosen",
             ["model", "variant", "reason"], registry=r,
         )  # fmt: skip
-        self.budget_outcomes = Counter(
+        self.budget_outcomes = _Counter(
             "quantgate_budget_outcomes",
             "requests with a latency budget: met or missed as measured, or rejected up front",
             ["model", "variant", "decision", "outcome"], registry=r,
         )  # fmt: skip
-        self.predictor_error = Histogram(
+        self.predictor_error = _Histogram(
             "quantgate_predictor_error_ratio", "observed / predicted latency of routed requests",
             ["variant", "kind"], buckets=(0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4), registry=r,
         )  # fmt: skip
-        self.rung_switches = Counter(
+        self.rung_switches = _Counter(
             "quantgate_rung_switches", "a shared device's active rung changed (server/routing/concentrate.py)",
             ["model", "device", "to"], registry=r,
         )  # fmt: skip
-        self.active_rung = Gauge(
+        self.active_rung = _Gauge(
             "quantgate_active_rung", "1 for the active rung of a shared device, 0 for its other rungs",
             ["model", "device", "variant"], registry=r,
         )  # fmt: skip
-        self.retries = Counter(
+        self.retries = _Counter(
             "quantgate_upstream_retries", "requests moved to another variant before any byte was sent",
             ["model", "variant"], registry=r,
         )  # fmt: skip

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -94,3 +95,20 @@ def test_variant_info_registry_counts_and_memory(tmp_path: Path) -> None:
     running = families["quantgate_registry_job_running_seconds"].samples
     assert [(s.labels["variant"], s.labels["stage"]) for s in running] == [("m@int8", "compressing")]
     assert "quantgate_process_resident_memory_bytes" in text
+
+
+def test_label_children_are_found_once_and_export_as_before() -> None:
+    metrics = GatewayMetrics(lambda: [])
+    by_name = metrics.requests.labels(model="m", variant="m@int8", endpoint="chat", tier="default", status="200")
+    assert metrics.requests.labels("m", "m@int8", "chat", "default", "200") is by_name
+    again = metrics.requests.labels(model="m", variant="m@int8", endpoint="chat", tier="default", status="200")
+    assert again is by_name
+    by_name.inc()
+    metrics.requests.labels("m", "m@int8", "chat", "default", "200").inc()
+    metrics.predictor_error.labels("m@int8", "ttft").observe(1.2)
+    text = generate_latest(metrics.registry).decode()
+    assert 'quantgate_requests_total{endpoint="chat",model="m",status="200",tier="default",variant="m@int8"} 2.0' \
+        in text
+    assert 'quantgate_predictor_error_ratio_count{kind="ttft",variant="m@int8"} 1.0' in text
+    with pytest.raises(ValueError):
+        metrics.requests.labels(model="m", variant="m@int8", endpoint="chat", tier="default", code="200")
