@@ -180,6 +180,11 @@ class Gateway:
         candidates, raws = self.candidates(model, features)
         full = [c for c in candidates if c.serving and c.load.in_flight >= self.max_in_flight(c.variant.id)]
         full_ids = {c.variant.id for c in full}
+        # Every request is an arrival of the model's concentrator, pinned ones too: they load the device as
+        # routed ones do (unseen, a device carrying pinned traffic looked idle, and the rung chosen for that
+        # trickle took the routed traffic when it came: loadtests/results/2026-12-06/router-h100-10a87e5.md).
+        concentrator = self.concentrator(model.name)
+        concentrator.arrive(features, time.monotonic())
         if pinned is not None:
             chosen = next(c for c in candidates if c.variant.id == pinned.id)
             if not (chosen.serving and pinned.servable):
@@ -191,14 +196,8 @@ class Gateway:
                                         headers={"Retry-After": "5"})
             if pinned.id in full_ids:
                 raise self._at_capacity(features, [chosen], f"variant '{pinned.id}'")
-            # Pinned traffic loads the device as routed traffic does: the active rung is chosen on both
-            # (unseen, a device carrying pinned traffic looked idle, and the rung chosen for that trickle
-            # took the routed traffic when it came: loadtests/results/2026-12-06/router-h100-10a87e5.md).
-            self.concentrator(model.name).arrive(features, time.monotonic())
             return Decision(pinned, chosen.prediction, "pinned", "none"), raws
         admitted = [c for c in candidates if c.variant.id not in full_ids]
-        concentrator = self.concentrator(model.name)
-        concentrator.arrive(features, time.monotonic())
         admitted = self._mark_standby(concentrator, admitted)
         decision = self.router(model.name).route(features, admitted)
         if decision.variant is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import psutil
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
@@ -31,20 +32,18 @@ class _Children:
     `remove()` or `clear()`, which would leave this cache pointing at dropped children."""
 
     _labelnames: tuple[str, ...]
-    _found: dict[tuple, object]
 
-    def labels(self, *values: object, **by_name: object):  # type: ignore[no-untyped-def]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._found: dict[tuple, Any] = {}
+
+    def labels(self, *values: object, **by_name: object) -> Any:
         try:
-            key = values if values else tuple(by_name[name] for name in self._labelnames)
+            key = values or tuple(by_name[name] for name in self._labelnames)
             return self._found[key]
-        except AttributeError:  # the first call on this metric
-            self._found = {}
-        except KeyError:  # a new label set, or a name this metric does not have
-            pass
-        if by_name and sorted(by_name) != sorted(self._labelnames):
-            raise ValueError(f"labels {sorted(by_name)} are not {sorted(self._labelnames)}")
-        key = values if values else tuple(by_name[name] for name in self._labelnames)
-        child = self._found[key] = super().labels(*key)  # type: ignore[misc]
+        except KeyError:  # a new label set (found and kept), or a name it lacks (prometheus_client raises)
+            child = super().labels(*values, **by_name)  # type: ignore[misc]
+        self._found[key] = child
         return child
 
 
