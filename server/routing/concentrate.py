@@ -19,16 +19,24 @@ beat it (the shared-device router issue). So, per model and device group:
         N_r          = the concurrency all of that traffic would keep on r alone (Little's law,
                        N = rate x e2e_r(N), solved by fixed-point iteration; no solution below
                        `max_concurrency`: r would saturate)
-        attainment_r = share of the window's budgets r is predicted to meet at N_r (0 saturated)
+        attainment_r = the expected share of the window's budgets r meets at N_r (0 saturated): each
+                       budget counts with the chance that the measured latency is within it, the
+                       predictor's error taken as log-normal with a spread of `spread_e2e` (TTFT:
+                       `spread_ttft`). Counted met-or-not, two rungs a few percent apart in
+                       prediction differ by a whole budget class wherever a class falls between
+                       them; on one H100 that moved 0.5x load from FP8 to INT8 mid-run, two rungs
+                       that met the same 65% pinned (loadtests/results/2026-12-06/router-h100-10a87e5.md)
         value_r      = attainment_r - quality_weight x (r's ppl delta in percent)
                        and, when r saturates, less rate / capacity_r too (capacity_r: the most
                        requests per second r completes at any concurrency it was profiled at,
                        prefill included), so that when every rung saturates the one that drains
                        fastest is active, not the most accurate
-      active = the rung of the highest value, kept until another beats it by `hysteresis`
-               and the active one has held for `min_dwell_s` (at once if it stops serving, or
-               if the gain is `urgent_gain` or more: e.g. it saturates while another would keep
-               up, or the traffic jumped from a trickle the dwell was started on)
+      active = the rung of the highest value, kept until another beats it by `hysteresis` in
+               every evaluation of the last `confirm_s` and the active one has held for
+               `min_dwell_s` (at once if it stops serving, or if the gain is `urgent_gain` or
+               more: e.g. it saturates while another would keep up, or the traffic jumped from a
+               trickle the dwell was started on). A switch is not free: the old rung's requests
+               decode beside the new rung's until they finish
 
 The router then treats the other rungs of that device as standby: they take a request only when
 their engine and the whole device are idle and the traffic expected during that request, at the
@@ -40,6 +48,7 @@ Pure: the caller passes `now` and the latency models; no clocks, no I/O.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -49,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.catalog import Variant, accuracy_key
 from server.routing.predictor import VariantLatency
-from server.routing.types import EngineLoad, Prediction, RequestFeatures
+from server.routing.types import Budget, EngineLoad, Prediction, RequestFeatures
 
 Predict = Callable[[str, int, int, EngineLoad], Prediction | None]  # variant id, prompt, output, load
 LargestBatch = Callable[[str], int | None]  # variant id -> the largest batch its step times were measured at
@@ -78,6 +87,15 @@ class SharedDeviceConfig(BaseModel):
         description="a standby rung takes a request on an idle device when fewer arrivals than this are expected "
                     "while it runs")
     max_concurrency: int = Field(1024, ge=1, le=1_000_000, description="concurrency beyond which a rung saturates")
+    confirm_s: float = Field(
+        2.0, ge=0.0, le=3600.0,
+        description="how long a rung must stay ahead by the hysteresis before it is made active (not for urgent gains)")
+    spread_e2e: float = Field(
+        0.1, ge=0.0, le=5.0,
+        description="the predictor's e2e and TPOT error as the standard deviation of log(measured / predicted): on "
+                    "one H100 the median error was 6-8%, a spread of about 0.1 (0: a budget is met or not)")
+    spread_ttft: float = Field(
+        0.25, ge=0.0, le=5.0, description="the same for TTFT (median error 15-16% on one H100 at 0.5x-1.0x load)")
     rate_fast_s: float = Field(
         5.0, ge=0.0, le=3600.0,
         description="the rate is the larger of the window's and this many seconds' (0: the window's only)")
@@ -103,6 +121,8 @@ class DeviceRegime:
     rate_rps: float
     outlooks: tuple[RungOutlook, ...] = ()
     reason: str = ""
+    challenger: str | None = None  # the rung ahead of the active one by the hysteresis, not yet switched to
+    challenger_since: float = 0.0
 
     def recommend(self, margin: float) -> dict:
         """The rungs worth keeping resident on this device for the traffic seen: the active one, and any
@@ -130,7 +150,7 @@ class DeviceRegime:
 
     def as_dict(self) -> dict:
         return {"device": self.device, "active": self.active, "since": self.since, "switches": self.switches,
-                "rate_rps": round(self.rate_rps, 3), "reason": self.reason,
+                "rate_rps": round(self.rate_rps, 3), "reason": self.reason, "challenger": self.challenger,
                 "rungs": [{"variant": o.variant_id, "attainment": round(o.attainment, 4),
                            "concurrency": None if o.concurrency is None else round(o.concurrency, 2),
                            "capacity_rps": None if o.capacity_rps is None else round(o.capacity_rps, 3),
@@ -236,13 +256,14 @@ class Concentrator:
             overload = rate / capacity if capacity > 0 else float(self.config.max_concurrency)
             return RungOutlook(variant.id, None, 0.0, -penalty - overload, capacity)
         load = EngineLoad(running=concurrency) if concurrency > 0 else EngineLoad()  # type: ignore[arg-type]
-        judged = met = 0
+        judged, met = 0, 0.0
         for features in sample:
             if not features.budget.any:
                 continue
             judged += 1
             prediction = taxed(variant.id, features.prompt_tokens, features.output_tokens, load)
-            met += prediction is not None and prediction.fits(features.budget)
+            if prediction is not None:
+                met += chance(prediction, features.budget, self.config.spread_ttft, self.config.spread_e2e)
         attainment = met / judged if judged else 1.0
         return RungOutlook(variant.id, concurrency, attainment, attainment - penalty)
 
@@ -303,13 +324,32 @@ class Concentrator:
                                 tuple(outlooks), f"{best.variant_id} has the best value {what}")  # fmt: skip
         held = now - previous.since  # type: ignore[union-attr]
         gain = best.value - current.value
-        if (best.variant_id != current.variant_id and gain > self.config.hysteresis
-                and (held >= self.config.min_dwell_s or gain >= self.config.urgent_gain)):
+        if best.variant_id == current.variant_id or gain <= self.config.hysteresis:
+            return DeviceRegime(device, current.variant_id, previous.since, switches, rate,  # type: ignore[union-attr]
+                                tuple(outlooks), f"{current.variant_id} stays active {what}")
+        since = previous.challenger_since if previous.challenger == best.variant_id else now  # type: ignore[union-attr]
+        if gain >= self.config.urgent_gain or (held >= self.config.min_dwell_s and now - since >= self.config.confirm_s):
             return DeviceRegime(device, best.variant_id, now, switches + 1, rate, tuple(outlooks),
-                                f"{best.variant_id} beat {current.variant_id} by {best.value - current.value:.2f} "
-                                f"{what}")  # fmt: skip
+                                f"{best.variant_id} beat {current.variant_id} by {gain:.2f} {what}")
         return DeviceRegime(device, current.variant_id, previous.since, switches, rate,  # type: ignore[union-attr]
-                            tuple(outlooks), f"{current.variant_id} stays active {what}")
+                            tuple(outlooks), f"{current.variant_id} stays active, {best.variant_id} ahead by "
+                            f"{gain:.2f} for {now - since:.1f} s, {what}", best.variant_id, since)  # fmt: skip
+
+
+def chance(prediction: Prediction, budget: Budget, spread_ttft: float, spread: float) -> float:
+    """The chance that a request predicted at `prediction` meets `budget`, each latency's error taken as
+    log-normal (standard deviation of log(measured / predicted): `spread_ttft` for TTFT, `spread` for TPOT
+    and e2e) and the bounds independent; with a spread of 0, 1 or 0 as `Prediction.fits` says."""
+    p = 1.0
+    for bound, value, sd in ((budget.e2e_ms, prediction.e2e_ms, spread), (budget.ttft_ms, prediction.ttft_ms, spread_ttft),
+                             (budget.tpot_ms, prediction.tpot_ms, spread)):  # fmt: skip
+        if bound is None:
+            continue
+        if value <= 0 or bound <= 0 or sd <= 0:
+            p *= float(value <= bound)
+        else:
+            p *= 0.5 * (1 + math.erf(math.log(bound / value) / (sd * math.sqrt(2))))
+    return p
 
 
 def _taxed(predict: Predict, left: float) -> Predict:

@@ -61,7 +61,12 @@ def test_busy_tight_traffic_makes_the_fast_rung_active() -> None:
     regime = c.regimes["gpu-0"]
     assert regime.active == INT8.id
     outlook = {o.variant_id: o for o in regime.outlooks}
-    assert outlook[INT8.id].attainment == 1.0 and outlook[BASE.id].attainment == 0.0
+    # int8's predicted e2e at that load (~1.19 s) is just within the budgets: met, but about a coin flip once
+    # the predictor's error is counted; the base's ~3 s is out of reach either way.
+    assert 0.5 < outlook[INT8.id].attainment < 0.6 and outlook[BASE.id].attainment < 1e-6
+    exact = Concentrator(SharedDeviceConfig(spread_e2e=0))
+    exact.evaluate(ON_ONE_GPU, predict, traffic(exact, 10, 30, 1200))
+    assert {o.variant_id: o.attainment for o in exact.regimes["gpu-0"].outlooks} == {INT8.id: 1.0, BASE.id: 0.0}
     # Little's law with int8's loaded steps: N = 10/s x (0.79 s + 27 ms x N) -> ~10.8 in flight, and the
     # arriving prompts' prefill (10/s x 5 ms: 5% of the device) slows decoding: ~12
     assert outlook[INT8.id].concurrency == pytest.approx(12.0, rel=0.1)
@@ -208,12 +213,12 @@ def test_shared_device_config_is_checked() -> None:
 
 
 def test_recommendation_keeps_the_active_rung_and_close_contenders_resident() -> None:
-    # Tight busy traffic: int8 meets every budget, the base none: keep int8 only, unload the base.
+    # Tight busy traffic: int8 meets nearly every budget (~98%), the base none: keep int8 only, unload the base.
     c = Concentrator(SharedDeviceConfig())
-    c.evaluate(ON_ONE_GPU, predict, traffic(c, 10, 30, 1200))
+    c.evaluate(ON_ONE_GPU, predict, traffic(c, 10, 30, 1500))
     advice = c.regimes["gpu-0"].recommend(margin=0.05)
     assert advice["resident"] == [INT8.id] and advice["unload"] == [BASE.id]
-    assert advice["reasons"][INT8.id].startswith("active") and "0.98 below the best" in advice["reasons"][BASE.id]
+    assert advice["reasons"][INT8.id].startswith("active") and "0.97 below the best" in advice["reasons"][BASE.id]
     assert advice["summary"].startswith(f"keep {INT8.id} only")
     # Loose budgets at a low rate: both meet them all; the base is active, int8 (0.015 below it in
     # value, from its ppl) is a contender only when the margin covers that.
@@ -324,3 +329,66 @@ def test_a_rise_in_load_is_seen_within_the_fast_span_and_an_urgent_gain_skips_th
     t = traffic(slow, 40, 3, 1200, start=t + 0.05)
     slow.evaluate(ON_ONE_GPU, predict, t)
     assert slow.regimes["gpu-0"].rate_rps < 10
+
+
+def test_rungs_a_few_percent_apart_do_not_trade_places_over_one_budget_class() -> None:
+    # Two rungs of equal speed within the predictor's error (3% apart), a budget class falling between their
+    # predictions. Counted met-or-not the faster one gains the whole class (a fifth of the budgets) and takes
+    # over; on one H100 that was a mid-run switch between FP8 and INT8 that bought nothing. Counted as the
+    # chance of meeting each budget, the gain is a few points, within the hysteresis.
+    fine = Variant("m", "fp8", "fp8", 8, ppl_delta=0.005)
+    quick = Variant("m", "int8", "int8", 8, ppl_delta=0.010)
+    latency = {
+        fine.id: VariantLatency(LatencyPriors(prefill_fixed_ms=10, prefill_per_token_ms=0.01, step_ms=((1, 4.0),))),
+        quick.id: VariantLatency(LatencyPriors(prefill_fixed_ms=10, prefill_per_token_ms=0.01, step_ms=((1, 3.88),))),
+    }  # fmt: skip
+
+    def predict2(variant_id: str, prompt: int, output: int, load: EngineLoad):
+        return latency[variant_id].predict(prompt, output, load)
+
+    fine_ms = predict2(fine.id, 100, 100, EngineLoad()).e2e_ms
+    quick_ms = predict2(quick.id, 100, 100, EngineLoad()).e2e_ms
+    assert quick_ms < fine_ms < 1.04 * quick_ms
+    between = (fine_ms + quick_ms) / 2
+    rungs = [(fine, "gpu-0"), (quick, "gpu-0")]
+
+    def run(config: SharedDeviceConfig) -> Concentrator:
+        c = Concentrator(config)
+        t = traffic(c, 1, 20, None)
+        c.evaluate(rungs, predict2, t)
+        assert c.active("gpu-0") == fine.id  # loose traffic: the more accurate rung
+        for i, budget in enumerate([0.5 * between, between, 2 * between, 3 * between, 6 * between] * 6):
+            c.arrive(feats(budget), t + 0.2 * (i + 1))
+        for k in range(1, 12):
+            c.evaluate(rungs, predict2, t + 6 + k)
+        return c
+
+    exact = run(SharedDeviceConfig(spread_e2e=0, min_dwell_s=0, confirm_s=0))
+    assert exact.active("gpu-0") == quick.id
+    soft = run(SharedDeviceConfig(min_dwell_s=0))
+    outlook = {o.variant_id: o for o in soft.regimes["gpu-0"].outlooks}
+    assert 0 < outlook[quick.id].value - outlook[fine.id].value < soft.config.hysteresis
+    assert soft.active("gpu-0") == fine.id and soft.regimes["gpu-0"].switches == 0
+
+
+def test_a_challenger_must_stay_ahead_for_the_confirmation_time() -> None:
+    c = Concentrator(SharedDeviceConfig(min_dwell_s=0, confirm_s=2, urgent_gain=10))
+    t = traffic(c, 2, 10, None)
+    c.evaluate(ON_ONE_GPU, predict, t)
+    assert c.active("gpu-0") == BASE.id
+    t = traffic(c, 10, 10, 1500, start=t + 0.05)
+    c.evaluate(ON_ONE_GPU, predict, t)
+    regime = c.regimes["gpu-0"]
+    assert regime.active == BASE.id and regime.challenger == INT8.id and "ahead by" in regime.reason
+    c.evaluate(ON_ONE_GPU, predict, t + 1)
+    assert c.active("gpu-0") == BASE.id
+    # The tight budgets stop for a moment (the base is no worse): the count starts again.
+    c.arrivals.clear()
+    c.evaluate(ON_ONE_GPU, predict, t + 1.5)
+    assert c.active("gpu-0") == BASE.id and c.regimes["gpu-0"].challenger is None
+    t = traffic(c, 10, 2, 1500, start=t + 1.6)
+    c.evaluate(ON_ONE_GPU, predict, t)
+    c.evaluate(ON_ONE_GPU, predict, t + 1.9)
+    assert c.active("gpu-0") == BASE.id
+    c.evaluate(ON_ONE_GPU, predict, t + 2.0)
+    assert c.active("gpu-0") == INT8.id and c.regimes["gpu-0"].switches == 1
