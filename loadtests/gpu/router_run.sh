@@ -6,7 +6,8 @@
 #   bench: the router bench against every single variant pinned, round-robin and least-loaded at
 #          LOADS and SEEDS, the client split over four processes, WARMUP_S (5) of unmeasured traffic
 #          before each run; the report is rewritten after each run.
-#   all:   both (default).
+#   all:   both (default): one call, so no gap between calls can lose the warm machine; the start takes
+#          ~150 s on an H100, which leaves room for about 6 cells of 20 s (SCENARIOS x LOADS x SEEDS).
 # Usage (device, repository root, env.sh sourced): bash loadtests/gpu/router_run.sh OUT [start|bench|all]
 set -uo pipefail
 OUT=${1:?out dir}
@@ -23,6 +24,13 @@ if [ "$STAGE" = start ] || [ "$STAGE" = all ]; then
   cp "$W/engines.txt" "$OUT/" 2>/dev/null
   START_ONLY=1 bash loadtests/gpu/bench.sh "$OUT"
   curl -fs 127.0.0.1:8000/admin/routing/llama-3.1-8b > "$OUT/routing-start.json"
+fi
+if [ "$STAGE" = bench ] && [ ! -f "$W/engines.txt" ]; then
+  # A machine idle for 30 s between two calls is given back, and the next call gets a bare one: without this
+  # check the bench polled a gateway that was never started for ~380 s of device time (twice, 2026-12-06).
+  echo "bench stage on a machine without the start stage's engines (given back since?): run start again" \
+    | tee "$OUT/bare.txt" >&2
+  kill "$PROGRESS" 2>/dev/null; exit 3
 fi
 if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
   SCENARIOS=${SCENARIOS:-pin:bf16,pin:fp8,pin:int8,pin:w4a16,round-robin,least-loaded,router} LOADS=${LOADS:-0.5,1.0} \
