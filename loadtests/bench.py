@@ -183,15 +183,19 @@ def replay(pool: ProcessPoolExecutor | None, processes: int, url: str, requests:
 
 
 def with_warmup(requests: list[harness.TraceRequest], warmup: list[harness.TraceRequest], rate: float,
-                seconds: float) -> tuple[list[harness.TraceRequest], float]:  # fmt: skip
-    """The measured requests preceded by `seconds` of warm-up traffic at the same rate (from another
-    trace, negative indices, left out of every statistic), so that a run is measured in the steady state
+                seconds: float, warmup_rate: float | None = None) -> tuple[list[harness.TraceRequest], float]:  # fmt: skip
+    """The measured requests preceded by `seconds` of warm-up traffic (from another trace, negative
+    indices, left out of every statistic) at the same rate, so that a run is measured in the steady state
     its load reaches rather than from the state the previous run left (a router that has just seen a
-    trickle starts a run on the rung chosen for it). Returns the requests and the measured ones' offset."""
+    trickle starts a run on the rung chosen for it); or at `warmup_rate`, so that the run measures a step
+    in load from that rate to its own, the onset included. Returns the requests and the measured ones'
+    offset in seconds."""
     if seconds <= 0:
         return requests, 0.0
-    shift = seconds * rate  # in at_unit, which counts seconds at 1 request/s
-    head = [dataclasses.replace(r, index=-1 - i) for i, r in enumerate(warmup) if r.at_unit < shift]
+    before = warmup_rate or rate
+    shift = seconds * rate  # in at_unit, which counts seconds at 1 request/s of the run's rate
+    head = [dataclasses.replace(r, index=-1 - i, at_unit=r.at_unit * rate / before)
+            for i, r in enumerate(warmup) if r.at_unit < seconds * before]  # fmt: skip
     return head + [dataclasses.replace(r, at_unit=r.at_unit + shift) for r in requests], seconds
 
 
@@ -251,7 +255,8 @@ def run(args: argparse.Namespace, url: str, out: Path | None = None) -> dict:
               "idle_ms_median_request": idle, "idle_predicted_ms_median_request": predicted,
               "idle_fits": {v: dataclasses.asdict(f) for v, f in fits.items()},
               "capacity_rps": capacity, "capacity_concurrency": args.capacity_concurrency,
-              "trace": specs[0].__dict__, "seeds": args.seeds, "warmup_s": args.warmup_s, "compact": args.compact,
+              "trace": specs[0].__dict__, "seeds": args.seeds, "warmup_s": args.warmup_s,
+              "warmup_load": args.warmup_load, "compact": args.compact,
               "runs": []}  # fmt: skip
     pool = (ProcessPoolExecutor(args.client_processes, mp_context=multiprocessing.get_context("spawn"))
             if args.client_processes > 1 else None)  # fmt: skip
@@ -261,7 +266,8 @@ def run(args: argparse.Namespace, url: str, out: Path | None = None) -> dict:
         requests = traces[seed][:n]
         span = requests[-1].at_unit / rate
         time.sleep(args.pause_s)
-        sent, offset = with_warmup(requests, warmups[seed], rate, args.warmup_s)
+        step_from = args.warmup_load * capacity if args.warmup_load else None
+        sent, offset = with_warmup(requests, warmups[seed], rate, args.warmup_s, step_from)
         began = time.time()  # wall clock, to line the run up with the gateway's log (e.g. rung switches)
         results = replay(pool, args.client_processes, url, sent, rate, scenario,
                          (args.model, base, fastest, ladder), headers)  # fmt: skip
@@ -307,6 +313,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity-s", type=float, default=30.0)
     p.add_argument("--warmup-s", type=float, default=0.0,
                    help="seconds of unmeasured traffic at the run's rate before its measured requests")
+    p.add_argument("--warmup-load", type=float, default=None,
+                   help="the warm-up at this load (x capacity) instead of the run's: each run then measures a step "
+                        "in load, e.g. --warmup-s 20 --warmup-load 0.5 --loads 1.5")
     p.add_argument("--pause-s", type=float, default=3.0, help="quiet time between runs (queues drain)")
     p.add_argument("--arrival", default="poisson", choices=["poisson", "gamma"])
     p.add_argument("--prompt-median", type=int, default=64)

@@ -110,8 +110,9 @@ def render(report: dict) -> str:
              f"`{report['command']}` on {report['machine']}; model `{report['model']}`.", "",
              f"Budgets from the base's idle latency, {report.get('budgets', 'predicted')}; trace seeds "
              f"{report.get('seeds', [0])}"
-             + (f"; {report['warmup_s']:g} s of unmeasured traffic at each run's rate before it" if report.get("warmup_s")
-                else "") + ".", "",
+             + (f"; {report['warmup_s']:g} s of unmeasured traffic before each run, "
+                + (f"at {report['warmup_load']:g}x load: each run measures a step from that load to its own"
+                   if report.get("warmup_load") else "at the run's rate") if report.get("warmup_s") else "") + ".", "",
              "| variant | method | ppl delta | idle e2e, median request (ms) | predicted by the gateway (ms) |",
              "|---|---|---|---|---|"]  # fmt: skip
     idle = report.get("idle_ms_median_request", report["idle_predicted_ms_median_request"])

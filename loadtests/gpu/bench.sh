@@ -36,7 +36,7 @@ done
 python3 -m loadtests.bench --gateway http://127.0.0.1:8000 --model llama-3.1-8b --label "${LABEL:-h100}" --out "$OUT" --compact \
   --loads "${LOADS:-0.25,0.5,1.0,1.5}" --scenarios "${SCENARIOS:-always-base,always-fastest,round-robin,least-loaded,router}" --seconds-per-run "${SECONDS_PER_RUN:-12}" --capacity-concurrency 64 --capacity-s 20 \
   --pause-s 2 --prompt-median 256 --prompt-max 1024 --output-median 128 --output-max 256 --max-requests 2000 \
-  --client-processes "${CLIENT_PROCESSES:-1}" --seeds "${SEEDS:-0}" --warmup-s "${WARMUP_S:-0}" > "$OUT/bench.txt" 2>&1
+  --client-processes "${CLIENT_PROCESSES:-1}" --seeds "${SEEDS:-0}" --warmup-s "${WARMUP_S:-0}" ${WARMUP_LOAD:+--warmup-load "$WARMUP_LOAD"} > "$OUT/bench.txt" 2>&1
 [ "${OVERHEAD:-1}" = 1 ] && python3 -m loadtests.overhead --gateway http://127.0.0.1:8000 --model llama-3.1-8b --label h100 --out "$W" \
   --concurrency 1,16,64 --per-round 64 --rounds 2 --fake-seconds 10 > "$OUT/overhead.txt" 2>&1
 [ "${OVERHEAD:-1}" = 1 ] && cp "$W/overhead-h100.json" "$W/overhead-h100.md" "$OUT/"

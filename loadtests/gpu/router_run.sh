@@ -5,7 +5,8 @@
 #          engines on one host (one device group), waiting until every variant is profiled;
 #   bench: the router bench against every single variant pinned, round-robin and least-loaded at
 #          LOADS and SEEDS, the client split over four processes, WARMUP_S (5) of unmeasured traffic
-#          before each run; the report is rewritten after each run.
+#          before each run (at WARMUP_LOAD x capacity when set: a load step, e.g. WARMUP_S=20
+#          WARMUP_LOAD=0.5 LOADS=1.5); the report is rewritten after each run.
 #   all:   both (default): one call, so no gap between calls can lose the warm machine; the start takes
 #          ~150 s on an H100, which leaves room for about 6 cells of 20 s (SCENARIOS x LOADS x SEEDS).
 # Usage (device, repository root, env.sh sourced): bash loadtests/gpu/router_run.sh OUT [start|bench|all]

@@ -55,6 +55,17 @@ def test_warmup_precedes_the_measured_requests_at_the_same_rate() -> None:
     assert bench.with_warmup(measured[:10], warm, rate=4.0, seconds=0) == (measured[:10], 0.0)
 
 
+def test_a_warmup_at_another_load_makes_the_run_a_step() -> None:
+    # 3 s at 1 req/s, then the measured requests at 4 req/s: the head's arrivals are spaced as at 1 req/s.
+    measured, warm = harness.make_trace(harness.TraceSpec(requests=20, seed=0)), harness.make_trace(
+        harness.TraceSpec(requests=20, seed=7))
+    sent, offset = bench.with_warmup(measured[:10], warm, rate=4.0, seconds=3.0, warmup_rate=1.0)
+    head = [r for r in sent if r.index < 0]
+    assert offset == 3.0
+    assert [r.at_unit / 4.0 for r in head] == pytest.approx([r.at_unit for r in warm if r.at_unit < 3.0])
+    assert [r.at_unit - 12.0 for r in sent if r.index >= 0] == pytest.approx([r.at_unit for r in measured[:10]])
+
+
 def test_bench_runs_every_scenario_and_load_and_writes_its_report(tmp_path: Path) -> None:
     with fake_fleet(FAKES, "loadtest-smoke") as (gateway, _):
         args = bench.parser().parse_args([
