@@ -28,6 +28,11 @@ class Limits(BaseSettings):
     max_tokens: int = Field(4096, ge=1, le=1_048_576)
     max_logprobs: int = Field(20, ge=0, le=20)
     max_messages: int = Field(512, ge=1, le=100_000)
+    # Sequences one request may generate: its prompts (a /v1/completions prompt list) times n. Without it
+    # 512 prompts in a 5 KB body gave 512 choices, and prompts x n got around max_n.
+    max_sequences: int = Field(16, ge=1, le=4096)
+    # Nesting of the JSON body (chat content parts and tool schemas need ~10); deeper bodies are a 400.
+    max_json_depth: int = Field(64, ge=4, le=512)
 
 
 class RemoteEngineSpec(BaseModel):

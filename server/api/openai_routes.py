@@ -60,7 +60,7 @@ async def _serve(request: Request, endpoint: Endpoint) -> Response:
     check_api_key(request, settings)
     labels = RequestLabels(endpoint.name)
     try:
-        body = await read_json_body(request, settings.limits.max_body_bytes)
+        body = await read_json_body(request, settings.limits.max_body_bytes, settings.limits.max_json_depth)
         parsed = parse_request(endpoint.schema, body, settings.limits)
         served = await gateway.serve(ServeRequest(
             endpoint=endpoint.name, path=endpoint.path, model=parsed.model,

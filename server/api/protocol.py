@@ -153,6 +153,20 @@ class CompletionRequest(_Common):
             raise InvalidRequest(
                 f"logprobs={self.logprobs} exceeds the limit of {limits.max_logprobs}", param="logprobs"
             )
+        if self.sequences > limits.max_sequences:
+            raise InvalidRequest(
+                f"{self.prompts} prompt(s) x n={self.n} = {self.sequences} sequences exceed this gateway's limit of "
+                f"{limits.max_sequences} per request", param="prompt")
+
+    @property
+    def prompts(self) -> int:
+        """Prompts in the request: a string or one token list is one; a list of them, each."""
+        p = self.prompt
+        return len(p) if isinstance(p, list) and p and isinstance(p[0], str | list) else 1
+
+    @property
+    def sequences(self) -> int:
+        return self.prompts * self.n
 
 
 def parse_request(schema: type[_Common], body: Any, limits: Limits) -> _Common:

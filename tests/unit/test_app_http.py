@@ -79,6 +79,23 @@ def test_malformed_json_is_400(client: TestClient) -> None:
     assert "not valid JSON" in _assert_openai_error(response, 400)["message"]
 
 
+@pytest.mark.parametrize("depth", [65, 1_000, 100_000])
+def test_a_body_nested_too_deeply_is_400_and_the_connection_keeps_serving(tmp_path, depth: int) -> None:
+    # 100,000 levels raised RecursionError in the JSON decoder: a 500 that closed the connection.
+    settings = Settings(home=tmp_path, embedded_model=False, api_keys=(API_KEY,))
+    body = '{"model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": ' + \
+        '{"a": ' * depth + "1" + "}" * depth + "}"
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        response = client.post("/v1/chat/completions", content=body,
+                               headers={**_auth(), "content-type": "application/json"})  # fmt: skip
+        assert "nests more than 64 levels" in _assert_openai_error(response, 400)["message"]
+        shallow = '{"model": "m", "messages": [{"role": "user", "content": "hi"}], "response_format": ' + \
+            '{"a": ' * 60 + "1" + "}" * 60 + "}"
+        response = client.post("/v1/chat/completions", content=shallow,
+                               headers={**_auth(), "content-type": "application/json"})  # fmt: skip
+        assert _assert_openai_error(response, 404)["code"] == "model_not_found"
+
+
 def test_invalid_body_is_400_before_model_lookup(client: TestClient) -> None:
     response = client.post("/v1/chat/completions", json={**CHAT, "n": 1000}, headers=_auth())
     assert _assert_openai_error(response, 400)["param"] == "n"

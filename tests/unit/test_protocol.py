@@ -49,12 +49,23 @@ def test_invalid_chat_requests_are_400_with_param(body: dict, param: str | None,
         ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs"),
         ({"model": "m", "prompt": {"text": "x"}}, "prompt.str"),
         ({"model": "m"}, "prompt"),
+        # More sequences than the limit (16 by default): prompts x n, each within its own limit.
+        ({"model": "m", "prompt": ["x"] * 17}, "prompt"),
+        ({"model": "m", "prompt": ["x"] * 5, "n": 4}, "prompt"),
+        ({"model": "m", "prompt": [[1, 2]] * 9, "n": 2}, "prompt"),
     ],
 )
 def test_invalid_completion_requests(body: dict, param: str | None) -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_request(CompletionRequest, body, LIMITS)
     assert info.value.param == param
+
+
+@pytest.mark.parametrize(("prompt", "n", "sequences"),
+                         [("x", 4, 4), ([1, 2, 3], 4, 4), (["a", "b"], 4, 8), ([[1], [2], [3]], 1, 3), (["x"] * 16, 1, 16)])
+def test_sequences_are_prompts_times_n(prompt: object, n: int, sequences: int) -> None:
+    parsed = parse_request(CompletionRequest, {"model": "m", "prompt": prompt, "n": n}, LIMITS)
+    assert parsed.sequences == sequences  # type: ignore[attr-defined]
 
 
 def test_non_object_body_is_400() -> None:
