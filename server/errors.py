@@ -50,6 +50,11 @@ class PayloadTooLarge(InvalidRequest):
     default_code = "payload_too_large"
 
 
+class UnsupportedMediaType(InvalidRequest):
+    status_code = 415
+    default_code = "unsupported_media_type"
+
+
 class AuthenticationFailed(GatewayError):
     status_code = 401
     error_type = "authentication_error"

@@ -140,6 +140,13 @@ class Settings(BaseSettings):
             )
         return keys
 
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _empty_admin_key_is_unset(cls, key: object) -> object:
+        # `QUANTGATE_ADMIN_KEY: ${QUANTGATE_ADMIN_KEY:-}` (deploy/compose.yaml) sets it to "" when the host
+        # has none; that is no key, not a short one.
+        return None if isinstance(key, str) and not key.strip() else key
+
     @field_validator("admin_key")
     @classmethod
     def _admin_key_long_enough(cls, key: str | None) -> str | None:

@@ -7,10 +7,16 @@ from typing import Any
 
 from fastapi import Request
 
-from server.errors import InvalidRequest, PayloadTooLarge
+from server.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 
 async def read_json_body(request: Request, max_bytes: int, max_depth: int = 64) -> Any:
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        # A cross-site HTML form can post text/plain (or a form encoding) with no preflight; with no API
+        # keys set, that would reach the engines on behalf of any web page the user opens.
+        raise UnsupportedMediaType(f"the request body must be sent as application/json, not {media or 'untyped'}; "
+                                   "set the header Content-Type: application/json")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {max_bytes} bytes")

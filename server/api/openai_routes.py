@@ -17,7 +17,8 @@ from server.api.deps import CatalogDep, GatewayDep, check_api_key, require_api_k
 from server.api.features import estimate_prompt_tokens, request_budget
 from server.api.protocol import GATEWAY_FIELDS, ChatCompletionRequest, CompletionRequest, parse_request
 from server.api.responses import RelayResponse, unless_disconnected
-from server.errors import ClientDisconnected, GatewayError
+from server.catalog import Catalog
+from server.errors import ClientDisconnected, GatewayError, ModelNotFound
 from server.gateway import CLIENT_CLOSED, Gateway
 from server.serving_types import RequestLabels, ServeRequest, Streamed
 from server.settings import Settings
@@ -83,6 +84,19 @@ async def _serve(request: Request, endpoint: Endpoint) -> Response:
 @router.get("/models", dependencies=[Depends(require_api_key)])
 async def list_models(gateway: GatewayDep, catalog: CatalogDep) -> dict:
     """Each logical model, then its variants (`model@variant`), with quantgate's extra fields."""
+    return {"object": "list", "data": _model_entries(gateway, catalog)}
+
+
+@router.get("/models/{model_id}", dependencies=[Depends(require_api_key)])
+async def retrieve_model(model_id: str, gateway: GatewayDep, catalog: CatalogDep) -> dict:
+    """One entry of GET /v1/models: a logical model or a `model@variant` (openai-python's models.retrieve)."""
+    found = next((entry for entry in _model_entries(gateway, catalog) if entry["id"] == model_id), None)
+    if found is None:
+        raise ModelNotFound(f"The model '{model_id}' does not exist", param="model")
+    return found
+
+
+def _model_entries(gateway: Gateway, catalog: Catalog) -> list[dict]:
     serving = gateway.serving_variant_ids()
     data = []
     for model in catalog.models():
@@ -99,4 +113,4 @@ async def list_models(gateway: GatewayDep, catalog: CatalogDep) -> dict:
                 "ppl": v.ppl, "ppl_delta": v.ppl_delta, "state": v.state, "ready": v.servable and v.id in serving,
                 **({"reason": v.reason} if v.reason and not v.servable else {}),
             })  # fmt: skip
-    return {"object": "list", "data": data}
+    return data

@@ -186,6 +186,13 @@ def test_routing_metrics_and_the_openai_client_with_fake_engines(fleet: FakeFlee
                      'quantgate_engine_requests_running{variant="fake@int8"}',
                      'quantgate_budget_outcomes_total{decision="rejected",model="fake",outcome="rejected",'):
         assert fragment in metrics, fragment
+    # openai-python's models.retrieve: GET /v1/models/{id} for a model and a variant, 404 for neither.
+    assert client.models.retrieve("fake").variants == ["fake@bf16", "fake@int8", "fake@int4"]  # type: ignore[attr-defined]
+    variant = client.models.retrieve("fake@int4")
+    assert (variant.id, variant.object, variant.parent, variant.bits) == ("fake@int4", "model", "fake", 4)  # type: ignore[attr-defined]
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("fake@int3")
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
 def _open_streams(stack: contextlib.ExitStack, gateway_url: str, model: str, count: int,

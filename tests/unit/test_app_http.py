@@ -96,6 +96,17 @@ def test_a_body_nested_too_deeply_is_400_and_the_connection_keeps_serving(tmp_pa
         assert _assert_openai_error(response, 404)["code"] == "model_not_found"
 
 
+@pytest.mark.parametrize("media", [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_a_body_not_sent_as_json_is_415(client: TestClient, media: str | None) -> None:
+    # Without API keys, a cross-site form could post such a body with no preflight.
+    headers = {**_auth(), **({"content-type": media} if media else {})}
+    response = client.post("/v1/chat/completions", content=b'{"model": "m", "messages": []}', headers=headers)
+    assert "application/json" in _assert_openai_error(response, 415)["message"]
+    ok = client.post("/v1/chat/completions", content=b'{"model": "m", "messages": [{"role": "user", "content": "x"}]}',
+                     headers={**_auth(), "content-type": "application/json; charset=utf-8"})  # fmt: skip
+    assert ok.status_code == 404  # past the body: no such model
+
+
 def test_invalid_body_is_400_before_model_lookup(client: TestClient) -> None:
     response = client.post("/v1/chat/completions", json={**CHAT, "n": 1000}, headers=_auth())
     assert _assert_openai_error(response, 400)["param"] == "n"

@@ -31,6 +31,15 @@ def test_api_keys_from_env(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
     assert Settings().api_keys == (KEY_A, KEY_B)
 
 
+@pytest.mark.parametrize("raw", ["", "  "])
+def test_empty_keys_are_unset_as_compose_passes_them(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    # deploy/compose.yaml: QUANTGATE_ADMIN_KEY: ${QUANTGATE_ADMIN_KEY:-}, likewise the API keys.
+    monkeypatch.setenv("QUANTGATE_ADMIN_KEY", raw)
+    monkeypatch.setenv("QUANTGATE_API_KEYS", raw)
+    settings = Settings()
+    assert settings.admin_key is None and settings.api_keys == ()
+
+
 def test_port_and_home_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("QUANTGATE_PORT", "9001")
     monkeypatch.setenv("QUANTGATE_HOME", str(tmp_path / "h"))
