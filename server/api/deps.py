@@ -22,6 +22,14 @@ from server.telemetry.engine_load import EngineLoadScraper
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
+def _host_name(host_header: str) -> str:
+    """The name of a Host header without its port: "127.0.0.1:8000" -> "127.0.0.1", "[::1]:80" -> "::1"."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 class AdminForbidden(GatewayError):
     status_code = 403
     error_type = "permission_error"
@@ -80,12 +88,17 @@ async def require_api_key(request: Request, settings: SettingsDep) -> None:
 
 
 async def require_admin(request: Request, settings: SettingsDep) -> None:
-    """With QUANTGATE_ADMIN_KEY set, that key is required; without it, only loopback clients."""
+    """With QUANTGATE_ADMIN_KEY set, that key is required; without it, only loopback clients that name a
+    loopback host: a web page the user opens can reach 127.0.0.1 under a name of its own that resolves
+    there (DNS rebinding), and its requests then carry that name in Host."""
     admin_key = settings.admin_key
     if admin_key is None:
         client = request.client.host if request.client else ""
         if client not in _LOOPBACK:
             raise AdminForbidden("admin endpoints need QUANTGATE_ADMIN_KEY when called from another host")
+        if _host_name(request.headers.get("host", "")) not in _LOOPBACK:
+            raise AdminForbidden("without QUANTGATE_ADMIN_KEY, admin endpoints answer only requests addressed to a "
+                                 "loopback name (localhost, 127.0.0.1, [::1])")
         return
     token = _bearer(request)
     if token is None or not _matches_any(token, (admin_key,)):

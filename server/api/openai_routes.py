@@ -8,14 +8,16 @@ send, observe) is the serving service's, `server/gateway.py`, which sees no HTTP
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 
 from server.api.body import read_json_body
 from server.api.deps import CatalogDep, GatewayDep, check_api_key, require_api_key
 from server.api.features import estimate_prompt_tokens, request_budget
-from server.api.protocol import GATEWAY_FIELDS, ChatCompletionRequest, CompletionRequest, parse_request
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, parse_request, upstream_body
 from server.api.responses import RelayResponse, unless_disconnected
 from server.catalog import Catalog
 from server.errors import ClientDisconnected, GatewayError, ModelNotFound
@@ -39,18 +41,56 @@ CHAT = Endpoint("chat", "/v1/chat/completions", ChatCompletionRequest)
 COMPLETIONS = Endpoint("completions", "/v1/completions", CompletionRequest)
 
 
-def _body_schema(schema: type) -> dict:
-    # The handlers read the raw body themselves (size limit first, then validation), so the
-    # OpenAPI document gets the schema from here.
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema.model_json_schema()}}}}
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
 
 
-@router.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+class ErrorResponse(BaseModel):
+    """Every error the gateway answers with (server/errors.py)."""
+
+    error: ErrorDetail
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    said = {400: "invalid request (body, limits, budget headers)", 401: "missing or invalid API key",
+            404: "no such model or variant", 413: "body too large", 415: "body not sent as application/json",
+            429: "over capacity or no variant within the budget (Retry-After)", 499: "client closed the request",
+            502: "the engine answered with an error", 503: "no engine available (Retry-After)"}  # fmt: skip
+    return {code: {"model": ErrorResponse, "description": said[code]} for code in codes}
+
+
+def _inline_refs(node: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.removeprefix("#/$defs/")], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def _body_schema(schema: type[BaseModel]) -> dict:
+    # The handlers read the raw body themselves (size limit first, then validation), so the OpenAPI
+    # document gets the schema from here; its $defs are inlined, since "#/$defs/..." does not resolve at
+    # the document's root (the request models are not recursive).
+    full = schema.model_json_schema()
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": _inline_refs(full, full.get("$defs", {}))}}}}  # fmt: skip
+
+
+COMPLETION_ERRORS = _errors(400, 401, 404, 413, 415, 429, 499, 502, 503)
+
+
+@router.post("/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest), responses=COMPLETION_ERRORS)
 async def chat_completions(request: Request) -> Response:
     return await _serve(request, CHAT)
 
 
-@router.post("/completions", openapi_extra=_body_schema(CompletionRequest))
+@router.post("/completions", openapi_extra=_body_schema(CompletionRequest), responses=COMPLETION_ERRORS)
 async def completions(request: Request) -> Response:
     return await _serve(request, COMPLETIONS)
 
@@ -65,7 +105,7 @@ async def _serve(request: Request, endpoint: Endpoint) -> Response:
         parsed = parse_request(endpoint.schema, body, settings.limits)
         served = await gateway.serve(ServeRequest(
             endpoint=endpoint.name, path=endpoint.path, model=parsed.model,
-            upstream={k: v for k, v in body.items() if k not in GATEWAY_FIELDS}, stream=bool(parsed.stream),
+            upstream=upstream_body(body, bool(parsed.stream)), stream=bool(parsed.stream),
             tier=parsed.service_tier or "default", own_budget=request_budget(request.headers, parsed.latency_budget_ms),
             max_tokens=getattr(parsed, "max_completion_tokens", None) or parsed.max_tokens,
             prompt_tokens=estimate_prompt_tokens(body),
@@ -81,13 +121,13 @@ async def _serve(request: Request, endpoint: Endpoint) -> Response:
     return JSONResponse(served.data, headers=served.headers)
 
 
-@router.get("/models", dependencies=[Depends(require_api_key)])
+@router.get("/models", dependencies=[Depends(require_api_key)], responses=_errors(401))
 async def list_models(gateway: GatewayDep, catalog: CatalogDep) -> dict:
     """Each logical model, then its variants (`model@variant`), with quantgate's extra fields."""
     return {"object": "list", "data": _model_entries(gateway, catalog)}
 
 
-@router.get("/models/{model_id}", dependencies=[Depends(require_api_key)])
+@router.get("/models/{model_id}", dependencies=[Depends(require_api_key)], responses=_errors(401, 404))
 async def retrieve_model(model_id: str, gateway: GatewayDep, catalog: CatalogDep) -> dict:
     """One entry of GET /v1/models: a logical model or a `model@variant` (openai-python's models.retrieve)."""
     found = next((entry for entry in _model_entries(gateway, catalog) if entry["id"] == model_id), None)

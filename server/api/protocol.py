@@ -7,9 +7,9 @@ forwarded only when they are in VLLM_EXTRA_FIELDS; anything else is a 400.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.errors import InvalidRequest, validation_error_to_invalid_request
 from server.settings import Limits
@@ -33,6 +33,12 @@ REFUSED_FIELDS = {
 
 # Fields the gateway consumes and does not forward (the tier becomes the engine-side priority).
 GATEWAY_FIELDS = frozenset({"latency_budget_ms", "service_tier"})
+
+
+def upstream_body(body: dict[str, Any], stream: bool) -> dict[str, Any]:
+    """What the engine gets: the client's JSON less the gateway's own fields, and less `stream_options`
+    on an unstreamed request (the schema allows it there, where it means nothing; vLLM refuses it)."""
+    return {k: v for k, v in body.items() if k not in GATEWAY_FIELDS and (stream or k != "stream_options")}
 
 ServiceTier = Literal["auto", "default", "flex", "priority"]
 
@@ -62,12 +68,6 @@ class _Common(BaseModel):
     user: str | None = Field(None, max_length=512)
     service_tier: ServiceTier | None = None
     latency_budget_ms: float | None = Field(None, gt=0, le=3_600_000)
-
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> _Common:
-        if self.stream_options is not None and not self.stream:
-            raise ValueError("stream_options is only allowed when stream is true")
-        return self
 
     def check_extra_fields(self) -> None:
         for name in self.model_extra or {}:
@@ -131,7 +131,8 @@ class ChatCompletionRequest(_Common):
             )
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+Prompt = (Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)]
+          | Annotated[list[int], Field(min_length=1)] | Annotated[list[list[int]], Field(min_length=1)])
 
 
 class CompletionRequest(_Common):
@@ -140,12 +141,6 @@ class CompletionRequest(_Common):
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     suffix: str | None = None
-
-    @model_validator(mode="after")
-    def _prompt_not_empty(self) -> CompletionRequest:
-        if self.prompt in ("", []):
-            raise ValueError("prompt must not be empty")
-        return self
 
     def check_limits(self, limits: Limits) -> None:
         super().check_limits(limits)
@@ -174,7 +169,9 @@ def parse_request(schema: type[_Common], body: Any, limits: Limits) -> _Common:
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:
-        request = schema.model_validate(body)
+        # Strict: JSON types as the schema states them ("n": "2", "stream": "yes" and "temperature": false
+        # are 400s, as the OpenAPI document says; lax validation took them).
+        request = schema.model_validate(body, strict=True)
     except ValidationError as exc:
         raise validation_error_to_invalid_request(list(exc.errors())) from None
     request.check_extra_fields()

@@ -128,3 +128,55 @@ def test_errors_are_counted_in_metrics(client: TestClient) -> None:
     client.post("/v1/chat/completions", json=CHAT, headers=_auth())
     text = client.get("/metrics").text
     assert 'quantgate_requests_total{endpoint="chat",model="",status="404",tier="",variant=""} 1.0' in text
+
+
+def _refs(node: object) -> list[str]:
+    if isinstance(node, dict):
+        own = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return own + [r for v in node.values() for r in _refs(v)]
+    return [r for v in node for r in _refs(v)] if isinstance(node, list) else []
+
+
+def test_the_openapi_document_resolves_and_documents_errors(client: TestClient) -> None:
+    import jsonschema
+
+    doc = client.get("/openapi.json").json()
+    for ref in set(_refs(doc)):  # "#/$defs/ChatMessage" did not resolve at the document's root
+        assert ref.startswith("#/"), ref
+        node = doc
+        for part in ref[2:].split("/"):
+            node = node[part]
+    chat = doc["paths"]["/v1/chat/completions"]["post"]
+    assert {"400", "401", "404", "413", "415", "429", "503"} <= set(chat["responses"])
+    # The request schema says what the gateway accepts and refuses.
+    schema = chat["requestBody"]["content"]["application/json"]["schema"]
+    validator = jsonschema.Draft202012Validator(schema)
+    accepted = [CHAT, {**CHAT, "stream_options": {"include_usage": True}}, {**CHAT, "temperature": 1}]
+    refused = [{**CHAT, "temperature": False}, {**CHAT, "stream": "yes"}, {**CHAT, "n": "2"}, {**CHAT, "messages": []}]
+    for body in accepted:
+        assert validator.is_valid(body), body
+        assert client.post("/v1/chat/completions", json=body, headers=_auth()).status_code == 404, body  # no model
+    for body in refused:
+        assert not validator.is_valid(body), body
+        _assert_openai_error(client.post("/v1/chat/completions", json=body, headers=_auth()), 400)
+    prompt = doc["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    for bad in ("", []):
+        body = {"model": "m", "prompt": bad}
+        assert not jsonschema.Draft202012Validator(prompt).is_valid(body), body
+        _assert_openai_error(client.post("/v1/completions", json=body, headers=_auth()), 400)
+
+
+@pytest.mark.parametrize(("peer", "host", "status"), [
+    ("127.0.0.1", "127.0.0.1:8000", 200), ("127.0.0.1", "localhost", 200), ("::1", "[::1]:8000", 200),
+    ("127.0.0.1", "rebound.example:8000", 403),  # DNS rebinding: a page's own name resolving to 127.0.0.1
+    ("127.0.0.1", "127.0.0.1.nip.io", 403),
+    ("10.0.0.7", "127.0.0.1:8000", 403),
+])  # fmt: skip
+def test_without_an_admin_key_admin_answers_loopback_clients_that_name_a_loopback_host(
+        tmp_path, peer: str, host: str, status: int) -> None:  # fmt: skip
+    settings = Settings(home=tmp_path, embedded_model=False)
+    with TestClient(create_app(settings), client=(peer, 50000)) as local:
+        response = local.get("/admin/models", headers={"host": host})
+        assert response.status_code == status, response.text
+        if status == 403:
+            assert _assert_openai_error(response, 403)["code"] == "admin_only"

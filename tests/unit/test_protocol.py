@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, parse_request
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, parse_request, upstream_body
 from server.errors import InvalidRequest
 from server.settings import Limits
 
@@ -28,7 +28,9 @@ MSG = [{"role": "user", "content": "hi"}]
         ({"model": "m", "messages": MSG, "priority": -10}, "priority", "service_tier"),
         ({"model": "m", "messages": MSG, "frobnicate": 1}, "frobnicate", "unsupported parameter"),
         ({"model": "m", "messages": MSG, "service_tier": "gold"}, "service_tier", "Input should be"),
-        ({"model": "m", "messages": MSG, "stream_options": {"include_usage": True}}, None, "only allowed when stream"),
+        ({"model": "m", "messages": MSG, "n": "2"}, "n", "valid integer"),
+        ({"model": "m", "messages": MSG, "stream": "yes"}, "stream", "valid boolean"),
+        ({"model": "m", "messages": MSG, "temperature": False}, "temperature", "valid number"),
         ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "Input should be"),
         ({"model": "m", "messages": MSG, "stop": ["a"] * 17}, "stop", "at most 16"),
         ({"model": "m", "messages": MSG, "latency_budget_ms": -1}, "latency_budget_ms", "greater than 0"),
@@ -45,9 +47,10 @@ def test_invalid_chat_requests_are_400_with_param(body: dict, param: str | None,
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"model": "m", "prompt": ""}, None),
+        ({"model": "m", "prompt": ""}, "prompt"),
+        ({"model": "m", "prompt": []}, "prompt"),
         ({"model": "m", "prompt": "x", "logprobs": 6}, "logprobs"),
-        ({"model": "m", "prompt": {"text": "x"}}, "prompt.str"),
+        ({"model": "m", "prompt": {"text": "x"}}, "prompt"),
         ({"model": "m"}, "prompt"),
         # More sequences than the limit (16 by default): prompts x n, each within its own limit.
         ({"model": "m", "prompt": ["x"] * 17}, "prompt"),
@@ -93,3 +96,13 @@ def test_completion_prompt_shapes(prompt: object) -> None:
     request = parse_request(CompletionRequest, {"model": "m", "prompt": prompt}, LIMITS)
     assert request.prompt == prompt
     assert request.max_tokens == 16  # OpenAI's default for completions
+
+
+def test_stream_options_without_stream_is_accepted_and_not_forwarded() -> None:
+    # Schema-valid (the OpenAPI document cannot say "only with stream"), meaningless unstreamed, and vLLM
+    # refuses it there: dropped on the way to the engine.
+    body = {"model": "m", "messages": MSG, "stream_options": {"include_usage": True}, "service_tier": "flex"}
+    assert not parse_request(ChatCompletionRequest, body, LIMITS).stream
+    assert upstream_body(body, stream=False) == {"model": "m", "messages": MSG}
+    assert upstream_body({**body, "stream": True}, stream=True) == {
+        "model": "m", "messages": MSG, "stream_options": {"include_usage": True}, "stream": True}
