@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.models.embedded import ensure_checkpoint, sha256_file
+from server.models.embedded import ConversionFailed, ensure_checkpoint, sha256_file
 from server.registry.store import RegistryError
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,19 @@ class Source:
     architecture: str
 
 
+def read_json_object(file: Path) -> dict:
+    """A JSON object from `file`; IngestError naming the file (never its content) when it is not one."""
+    try:
+        value = json.loads(file.read_bytes())
+    except (ValueError, OSError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise IngestError(f"{file.name} is not valid JSON") from None
+    except RecursionError:
+        raise IngestError(f"{file.name} nests too deeply") from None
+    if not isinstance(value, dict):
+        raise IngestError(f"{file.name} must be a JSON object, not a {type(value).__name__}")
+    return value
+
+
 def inspect_hf_dir(path: Path) -> str:
     """Check an HF checkpoint directory; returns its architecture."""
     if not (path / "config.json").is_file():
@@ -51,11 +64,11 @@ def inspect_hf_dir(path: Path) -> str:
         raise IngestError(f"{path} has no *.safetensors weights")
     for name in ("config.json", "tokenizer_config.json"):
         file = path / name
-        if file.is_file() and "auto_map" in json.loads(file.read_text()):
+        if file.is_file() and "auto_map" in read_json_object(file):
             raise IngestError(f"remote-code models are refused ({name} has auto_map); quantgate never sets "
                               "trust_remote_code")
-    architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
-    if len(architectures) != 1:
+    architectures = read_json_object(path / "config.json").get("architectures") or []
+    if not isinstance(architectures, list) or len(architectures) != 1 or not isinstance(architectures[0], str):
         raise IngestError(f"config.json must name exactly one architecture, got {architectures}")
     return architectures[0]
 
@@ -91,15 +104,27 @@ def vllm_architectures(cache_dir: Path, python: str = sys.executable) -> frozens
 
 def ingest(path: Path, checkpoints_dir: Path, logs_dir: Path, cache_dir: Path) -> Source:
     """Check (and, for GGUF, convert) a source checkpoint. Blocking: call it off the event loop."""
-    path = path.expanduser().resolve()
-    if path.is_file() and path.suffix == ".gguf":
-        checkpoint = ensure_checkpoint(path, checkpoints_dir, logs_dir)
+    if "\x00" in str(path):
+        raise IngestError("the path contains a NUL byte")
+    try:
+        path = path.expanduser().resolve()
+        is_file, is_dir = path.is_file(), path.is_dir()
+    except (OSError, RuntimeError) as exc:  # a name or component too long, a symlink loop, ...
+        raise IngestError(f"the path cannot be used: {getattr(exc, 'strerror', None) or exc}") from None
+    if is_file and path.suffix == ".gguf":
+        with open(path, "rb") as file:
+            if file.read(4) != b"GGUF":
+                raise IngestError(f"{path.name} is not a GGUF file (no GGUF magic number)")
+        try:
+            checkpoint = ensure_checkpoint(path, checkpoints_dir, logs_dir)
+        except ConversionFailed as exc:
+            raise IngestError(str(exc)) from None
         kind, sha = "gguf", sha256_file(path)
-    elif path.is_dir():
+    elif is_dir:
         checkpoint, kind = path, "hf"
         inspect_hf_dir(path)  # refuse early, before hashing gigabytes
         sha = checkpoint_sha256(path)
-    elif path.is_file() and path.suffix in PICKLE_SUFFIXES:
+    elif is_file and path.suffix in PICKLE_SUFFIXES:
         raise IngestError(f"pickle weights are refused (loading them can run code): {path.name}")
     else:
         raise IngestError(f"{path} is neither a checkpoint directory nor a .gguf file")

@@ -61,3 +61,43 @@ def test_hash_covers_weights_and_config(tmp_path) -> None:
     b = checkpoint_sha256(_checkpoint(tmp_path / "b"))
     c = checkpoint_sha256(_checkpoint(tmp_path / "c", files={"model.safetensors": b"other"}))
     assert a == b != c
+
+
+BAD_SOURCES = {  # name -> (files under the directory, the path posted relative to it, what the 400 says)
+    "config.json a list": ({"config.json": b"[1, 2]", "model.safetensors": b"w"}, "", "must be a JSON object"),
+    "config.json not JSON": ({"config.json": b"{not json", "model.safetensors": b"w"}, "", "not valid JSON"),
+    "config.json not UTF-8": ({"config.json": b"\xff\xfe{", "model.safetensors": b"w"}, "", "not valid JSON"),
+    "architecture not a name": ({"config.json": b'{"architectures": [{"a": 1}]}', "model.safetensors": b"w"}, "",
+                                "exactly one architecture"),
+    "tokenizer config a string": ({"config.json": b'{"architectures": ["LlamaForCausalLM"]}',
+                                   "tokenizer_config.json": b'"x"', "model.safetensors": b"w"}, "",
+                                  "must be a JSON object"),
+    "not a GGUF file": ({"m.gguf": b"hello, not gguf"}, "m.gguf", "not a GGUF file"),
+    "a GGUF header only": ({"m.gguf": b"GGUF" + b"\0" * 12}, "m.gguf", "converting"),
+    "a component too long": ({}, "x" * 300, "cannot be used"),
+    "a path too long": ({}, "/".join(["y" * 200] * 30), "cannot be used"),
+    "a NUL byte": ({}, "a\0b", "NUL byte"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_SOURCES))
+def test_bad_sources_are_a_400_naming_the_problem_never_a_500(tmp_path, case: str) -> None:
+    # Each of these was a 500 from POST /admin/models (the hardening issue); the file contents are not echoed.
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    files, relative, fragment = BAD_SOURCES[case]
+    source = tmp_path / "source"
+    source.mkdir()
+    for name, content in files.items():
+        (source / name).write_bytes(content)
+    settings = Settings(home=tmp_path / "home", embedded_model=False, admin_key="a" * 24)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        response = client.post("/admin/models", json={"path": f"{source}/{relative}", "name": "bad"},
+                               headers={"Authorization": "Bearer " + "a" * 24})  # fmt: skip
+        assert response.status_code == 400, response.text
+        message = response.json()["error"]["message"]
+        assert fragment in message and "not json" not in message and "hello" not in message, message
+        assert client.get("/admin/models", headers={"Authorization": "Bearer " + "a" * 24}).json()["models"] == []
