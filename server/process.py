@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 _PR_SET_PDEATHSIG = 1
+_SECRET_WORDS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+
+
+def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The gateway's environment for an engine or a job, less its secrets: no `QUANTGATE_*` variable that
+    names a key, token, secret or password (QUANTGATE_API_KEYS, QUANTGATE_ADMIN_KEY) reaches a child,
+    so nothing that runs there (an engine's plugins, a model's code, a calibration) can read them."""
+    env = {name: value for name, value in os.environ.items()
+           if not (name.startswith("QUANTGATE_") and any(word in name for word in _SECRET_WORDS))}  # fmt: skip
+    env.update(extra or {})
+    return env
 
 
 def die_with_parent(sig: signal.Signals) -> Callable[[], None]:

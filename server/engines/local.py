@@ -19,7 +19,7 @@ import httpx
 
 from server.engines.base import Engine, EngineState, EngineStatus
 from server.engines.vllm_plugin import TORCHAO_ENV
-from server.process import die_with_parent
+from server.process import child_environment, die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class LocalEngineConfig:
         return argv + list(self.extra_args)
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = child_environment()
         env.update(
             HF_HUB_OFFLINE="1",
             VLLM_NO_USAGE_STATS="1",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.process import die_with_parent
+from server.process import child_environment, die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ async def run_compression(job: CompressionJob, log_path: Path, timeout_s: float,
         proc = await asyncio.create_subprocess_exec(
             *job.argv(python), stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL),
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+            env=child_environment({"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}),
         )  # fmt: skip
     events: list[dict] = []
 

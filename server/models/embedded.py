@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from server.process import child_environment
+
 logger = logging.getLogger(__name__)
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,7 +72,7 @@ def ensure_checkpoint(gguf: Path, checkpoints_dir: Path, log_dir: Path, python: 
         with open(log_path, "ab") as log:
             result = subprocess.run(
                 [python, "-m", "server.models.convert_gguf", str(gguf), str(tmp)],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=child_environment({"HF_HUB_OFFLINE": "1"}),
                 check=False,
             )  # fmt: skip
         if result.returncode != 0:

@@ -41,6 +41,10 @@ def test_crashed_engine_is_restarted(gateway: GatewayProcess, client: openai.Ope
     (before,) = gateway.engines()
     group = psutil.Process(before["pid"]).children(recursive=True)  # EngineCore, workers
     assert group, "expected vLLM's engine-core processes under the API server"
+    # The gateway runs with API and admin keys; no engine process holds them.
+    for process in [psutil.Process(before["pid"]), *group]:
+        leaked = {k for k in process.environ() if k in ("QUANTGATE_API_KEYS", "QUANTGATE_ADMIN_KEY")}
+        assert not leaked, f"{process.pid} ({process.name()}) has {leaked} in its environment"
     os.kill(before["pid"], signal.SIGKILL)
     assert wait_for(lambda: gateway.engines()[0]["state"] != "ready", 10, 0.1)
     assert wait_for(lambda: gateway.engines()[0]["state"] == "ready", 300, 1), gateway.log_tail()

@@ -32,3 +32,18 @@ def test_local_engines_share_the_hosts_device(tmp_path: Path) -> None:
 def test_bad_remote_specs_are_refused(fields: dict) -> None:
     with pytest.raises(ValidationError):
         RemoteEngineSpec(url="http://127.0.0.1:8001", **fields)
+
+
+def test_children_get_the_environment_less_the_gateway_s_secrets(monkeypatch) -> None:
+    from server.process import child_environment
+
+    monkeypatch.setenv("QUANTGATE_API_KEYS", "k" * 24)
+    monkeypatch.setenv("QUANTGATE_ADMIN_KEY", "a" * 24)
+    monkeypatch.setenv("QUANTGATE_CALIBRATION_DTYPE", "float32")  # read by the compression job
+    monkeypatch.setenv("PATH", "/usr/bin")
+    env = child_environment({"HF_HUB_OFFLINE": "1"})
+    assert "QUANTGATE_API_KEYS" not in env and "QUANTGATE_ADMIN_KEY" not in env
+    assert env["QUANTGATE_CALIBRATION_DTYPE"] == "float32" and env["PATH"] == "/usr/bin" and env["HF_HUB_OFFLINE"] == "1"
+    engine = LocalEngineConfig("m@bf16", Path("/m"), "cpu", "bfloat16", 2048, Path("/logs")).environment()
+    assert "QUANTGATE_API_KEYS" not in engine and "QUANTGATE_ADMIN_KEY" not in engine
+    assert engine["HF_HUB_OFFLINE"] == "1" and engine["PATH"] == "/usr/bin"
