@@ -50,7 +50,7 @@ def parse_recipe(text: str) -> tuple[str, dict]:
 async def serve_and_measure(settings: Settings, variant_id: str, model_dir: Path, engine_args: tuple[str, ...],
                             windows: list[list[int]]) -> tuple[float, ChatScore, str, float]:
     async with (local_engine(settings, variant_id, model_dir, engine_args) as (engine, config),
-                httpx.AsyncClient(timeout=3600, trust_env=False) as http):
+                httpx.AsyncClient(timeout=3600, trust_env=False, headers=engine.auth_headers) as http):
         ppl = await perplexity(http, engine.base_url, variant_id, windows)
         started = time.monotonic()
         chat = await chat_answers(http, engine.base_url, variant_id)

@@ -41,7 +41,7 @@ async def measure(settings: Settings, variant_id: str, model_dir: Path, engine_a
     started = time.monotonic()
     async with local_engine(settings, variant_id, model_dir, engine_args) as (engine, _):
         startup_s = time.monotonic() - started
-        async with httpx.AsyncClient(timeout=3600) as http:
+        async with httpx.AsyncClient(timeout=3600, headers=engine.auth_headers) as http:
             t0 = time.monotonic()
             ppl = await perplexity(http, engine.base_url, variant_id, windows)
             eval_s = time.monotonic() - t0

@@ -45,7 +45,7 @@ def create_app(settings: Settings) -> FastAPI:
         registry = Registry(settings.registry_path)
         catalog.follow(registry)
         book = LatencyBook()
-        load = EngineLoadScraper(supervisor.statuses, http, settings.load_scrape_interval_s)
+        load = EngineLoadScraper(supervisor.engines, http, settings.load_scrape_interval_s)
         builder = VariantBuilder(
             registry, supervisor, settings.home,
             engine_config=lambda vid, path, args: local_engine_config(settings, hardware, vid, path, args),

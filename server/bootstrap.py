@@ -92,7 +92,7 @@ class Bootstrap:
                 continue  # the builder attaches it when it builds that variant
             self.catalog.add_variant(_declared_variant(model, name or BASE_VARIANT, spec), now)
             engine = RemoteEngine(variant_id, str(spec.url), accepts_priority=spec.priority_scheduling,
-                                  device=spec.device)
+                                  device=spec.device, api_key=spec.auth_key())
             await self.supervisor.add(engine)
             attached.append(engine)
         return attached

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -262,8 +263,8 @@ class Gateway:
             url = f"{engine.base_url}{request.path}"
             try:
                 if request.stream:
-                    return await self._stream(call, url, upstream, headers)
-                return await self._complete(call, url, upstream, headers, watch)
+                    return await self._stream(call, url, upstream, headers, engine.auth_headers)
+                return await self._complete(call, url, upstream, headers, watch, engine.auth_headers)
             except EngineUnavailable as exc:  # nothing reached the client yet: the next one may serve
                 logger.warning("%s failed before the first byte: %s", variant.id, exc)
                 last_error = exc
@@ -275,11 +276,11 @@ class Gateway:
         self.metrics.requests.labels(**labels.as_dict(), status=str(status)).inc()
 
     async def _complete(self, call: Call, url: str, body: dict[str, Any], headers: dict[str, str],
-                        watch: Watch) -> Answer:  # fmt: skip
+                        watch: Watch, auth: Mapping[str, str]) -> Answer:  # fmt: skip
         variant_id = call.variant.id
         device, seq = self._enter(call)
         try:
-            data = await watch(self.engines.post_json(variant_id, url, body))
+            data = await watch(self.engines.post_json(variant_id, url, body, auth))
         finally:
             self._leave(variant_id)
         self._record_usage(call, data.get("usage"))
@@ -290,11 +291,12 @@ class Gateway:
         data["service_tier"] = headers["x-quantgate-service-tier"]
         return Answer(data, headers)
 
-    async def _stream(self, call: Call, url: str, body: dict[str, Any], headers: dict[str, str]) -> Streamed:
+    async def _stream(self, call: Call, url: str, body: dict[str, Any], headers: dict[str, str],
+                      auth: Mapping[str, str]) -> Streamed:  # fmt: skip
         # In flight from the moment it is sent: a burst routed before the engine answers must see it.
         device, seq = self._enter(call)
         try:
-            upstream = await self.engines.open_stream(call.variant.id, url, body)
+            upstream = await self.engines.open_stream(call.variant.id, url, body, auth)
         except BaseException:
             self._leave(call.variant.id)
             raise

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, ValidationInfo, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from optimizers.chat_quality import ChatGate
@@ -50,6 +51,12 @@ class RemoteEngineSpec(BaseModel):
     # engine costs the others there. Default: the URL's host (server/engines/remote.py).
     device: str | None = Field(None, min_length=1, max_length=128)
     max_in_flight: int | None = Field(None, ge=1, le=100_000)  # default: QUANTGATE_ENGINE_MAX_IN_FLIGHT
+    # The key the engine asks for (`vllm serve --api-key`, or VLLM_API_KEY): sent as a bearer token on every
+    # request to it; kept out of reprs and logs.
+    api_key: SecretStr | None = Field(None, min_length=1, max_length=512)
+
+    def auth_key(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key is not None else None
 
 
 class Settings(BaseSettings):
@@ -92,6 +99,9 @@ class Settings(BaseSettings):
     engine_start_timeout_s: float = Field(600.0, gt=0)
     engine_stop_timeout_s: float = Field(20.0, gt=0)
     engine_extra_args: tuple[str, ...] = ()
+    # The key of every remote engine whose spec declares none (one Kubernetes Secret for all engines);
+    # before remote_engines, whose validator applies it.
+    remote_engine_key: SecretStr | None = Field(None, max_length=512)
     remote_engines: dict[str, RemoteEngineSpec] = Field(default_factory=dict)
 
     # Routing: the gateway-wide policy (JSON), and per-model replacements of it.
@@ -143,7 +153,7 @@ class Settings(BaseSettings):
             )
         return keys
 
-    @field_validator("admin_key", mode="before")
+    @field_validator("admin_key", "remote_engine_key", mode="before")
     @classmethod
     def _empty_admin_key_is_unset(cls, key: object) -> object:
         # `QUANTGATE_ADMIN_KEY: ${QUANTGATE_ADMIN_KEY:-}` (deploy/compose.yaml) sets it to "" when the host
@@ -166,11 +176,16 @@ class Settings(BaseSettings):
 
     @field_validator("remote_engines")
     @classmethod
-    def _remote_ids_are_variants(cls, engines: dict[str, RemoteEngineSpec]) -> dict[str, RemoteEngineSpec]:
+    def _remote_ids_are_variants(cls, engines: dict[str, RemoteEngineSpec],
+                                 info: ValidationInfo) -> dict[str, RemoteEngineSpec]:  # fmt: skip
         bad = [name for name in engines if name.count("@") != 1]
         if bad:
             raise ValueError(f"QUANTGATE_REMOTE_ENGINES keys must look like 'model@variant', got {bad}")
-        return engines
+        key = info.data.get("remote_engine_key")
+        if key is None:
+            return engines
+        return {name: spec if spec.api_key else spec.model_copy(update={"api_key": key})
+                for name, spec in engines.items()}  # fmt: skip
 
     @model_validator(mode="after")
     def _admin_key_distinct(self) -> Settings:

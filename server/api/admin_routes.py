@@ -63,7 +63,7 @@ async def get_job(job_id: int, models: ModelsDep) -> dict:
 
 @router.get("/engines")
 async def engines(supervisor: SupervisorDep, models: ModelsDep) -> dict:
-    """Every engine with its URL (also the scrape target for its vllm:* metrics)."""
+    """Every engine with its URL; its /metrics asks the engine's key (GET /metrics/engines re-exports them)."""
     rows = []
     for status in supervisor.statuses():
         row = asdict(status)

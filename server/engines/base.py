@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -51,6 +52,11 @@ class Engine(abc.ABC):
     @property
     @abc.abstractmethod
     def base_url(self) -> str: ...
+
+    @property
+    def auth_headers(self) -> Mapping[str, str]:
+        """What every request to the engine carries (its key); never shown in a status."""
+        return {}
 
     @abc.abstractmethod
     async def start(self) -> None:

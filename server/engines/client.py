@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -88,9 +88,10 @@ class EngineClient:
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
 
-    async def post_json(self, variant_id: str, url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def post_json(self, variant_id: str, url: str, body: dict[str, Any],
+                        headers: Mapping[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
         try:
-            async with self._session.post(url, json=body) as response:
+            async with self._session.post(url, json=body, headers=headers) as response:
                 content = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -99,10 +100,11 @@ class EngineClient:
             raise upstream_error(variant_id, status, content)
         return json.loads(content)
 
-    async def open_stream(self, variant_id: str, url: str, body: dict[str, Any]) -> UpstreamStream:
+    async def open_stream(self, variant_id: str, url: str, body: dict[str, Any],
+                          headers: Mapping[str, str] | None = None) -> UpstreamStream:  # fmt: skip
         """Send a streaming request; returns the open 200 stream (the caller must close it)."""
         try:
-            response = await self._session.post(url, json=body)
+            response = await self._session.post(url, json=body, headers=headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise EngineUnavailable(f"engine for {variant_id} unreachable: {type(exc).__name__}") from exc
         if response.status != 200:

@@ -8,16 +8,19 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
 from server.engines.base import Engine, EngineState, EngineStatus
+from server.engines.engine_guard import KEY_ENV, EngineGuard
 from server.engines.vllm_plugin import TORCHAO_ENV
 from server.process import child_environment, die_with_parent
 
@@ -58,6 +61,8 @@ class LocalEngineConfig:
             "--disable-uvicorn-access-log",
             # Tight-budget tiers are scheduled first inside the engine too (lower value = earlier).
             "--scheduling-policy", "priority",
+            # Every route but /health asks the engine's key (VLLM_API_KEY in its environment).
+            "--middleware", f"{EngineGuard.__module__}.{EngineGuard.__qualname__}",
         ]  # fmt: skip
         if self.device == "cpu":
             # Without it start-up took 215 s and the compiled bf16 path produced garbage (FACTS.md).
@@ -66,7 +71,7 @@ class LocalEngineConfig:
             argv += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
         return argv + list(self.extra_args)
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, api_key: str) -> dict[str, str]:
         env = child_environment()
         env.update(
             HF_HUB_OFFLINE="1",
@@ -79,6 +84,7 @@ class LocalEngineConfig:
         if last_flag(self.extra_args, "--quantization") == "torchao":  # read by server/engines/vllm_plugin.py
             env[TORCHAO_ENV] = "1"
         env.update(dict(self.extra_env))
+        env[KEY_ENV] = api_key  # after extra_env: the gateway's key for this engine is the only one
         return env
 
 
@@ -116,10 +122,17 @@ class LocalEngine(Engine):
         self._restarts = 0
         self._detail = ""
         self._stopping = False
+        # The engine's key: only this gateway knows it (server/engines/engine_guard.py).
+        self._key = secrets.token_urlsafe(32)
+        self._auth = {"Authorization": f"Bearer {self._key}"}
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def auth_headers(self) -> Mapping[str, str]:
+        return self._auth
 
     @property
     def log_path(self) -> Path:
@@ -185,7 +198,7 @@ class LocalEngine(Engine):
             log.flush()
             self._proc = await asyncio.create_subprocess_exec(
                 *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                env=self.config.environment(), start_new_session=True,
+                env=self.config.environment(self._key), start_new_session=True,
                 preexec_fn=die_with_parent(signal.SIGTERM),
             )  # fmt: skip
         logger.info("engine %s: pid %d on port %d, log %s", self.variant_id, self._proc.pid,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 
 import httpx
 
@@ -22,8 +23,10 @@ def remote_device(base_url: str) -> str:
 
 class RemoteEngine(Engine):
     def __init__(self, variant_id: str, base_url: str, poll_interval_s: float = 2.0,
-                 accepts_priority: bool = False, device: str | None = None) -> None:
+                 accepts_priority: bool = False, device: str | None = None,
+                 api_key: str | None = None) -> None:
         self.variant_id = variant_id
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.accepts_priority = accepts_priority
         self._base_url = base_url.rstrip("/")
         self.device = device or remote_device(self._base_url)
@@ -35,6 +38,10 @@ class RemoteEngine(Engine):
     @property
     def base_url(self) -> str:
         return self._base_url
+
+    @property
+    def auth_headers(self) -> Mapping[str, str]:
+        return self._auth
 
     def status(self) -> EngineStatus:
         return EngineStatus(self.variant_id, "remote", self._base_url, self._state, 0, None, None, self._detail,
@@ -53,7 +60,7 @@ class RemoteEngine(Engine):
         self._state = EngineState.STOPPED
 
     async def _poll(self) -> None:
-        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False, headers=self._auth) as client:
             while True:
                 try:
                     response = await client.get(f"{self._base_url}/health")

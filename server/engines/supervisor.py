@@ -29,6 +29,9 @@ class EngineSupervisor:
     def get(self, variant_id: str) -> Engine | None:
         return self._engines.get(variant_id)
 
+    def engines(self) -> list[Engine]:
+        return list(self._engines.values())
+
     def statuses(self) -> list[EngineStatus]:
         return [engine.status() for engine in self._engines.values()]
 

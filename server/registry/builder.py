@@ -90,7 +90,8 @@ class VariantBuilder:
         if record.id in self.remote_engines:
             spec = self.remote_engines[record.id]
             engine: Engine = RemoteEngine(record.id, str(spec.url),
-                                          accepts_priority=spec.priority_scheduling, device=spec.device)
+                                          accepts_priority=spec.priority_scheduling, device=spec.device,
+                                          api_key=spec.auth_key())
         else:
             assert record.model_path is not None
             engine = LocalEngine(self.engine_config(record.id, Path(record.model_path), record.engine_args))
@@ -150,7 +151,7 @@ class VariantBuilder:
 
     async def _evaluate(self, model: ModelRecord, record: VariantRecord, engine: Engine) -> None:
         windows = await self._eval_windows(model)
-        async with httpx.AsyncClient(timeout=3600, trust_env=False) as http:
+        async with httpx.AsyncClient(timeout=3600, trust_env=False, headers=engine.auth_headers) as http:
             ppl = await perplexity(http, engine.base_url, record.id, windows)
             chat = await chat_answers(http, engine.base_url, record.id)
         base = next((v for v in self.registry.variants(model.name) if v.method == "base"), None)
@@ -187,7 +188,7 @@ class VariantBuilder:
         engine = self.supervisor.get(base.id)
         if base.state is not VariantState.READY or engine is None or engine.status().state is not EngineState.READY:
             return None
-        async with httpx.AsyncClient(timeout=3600, trust_env=False) as http:
+        async with httpx.AsyncClient(timeout=3600, trust_env=False, headers=engine.auth_headers) as http:
             chat = await chat_answers(http, engine.base_url, base.id)
         self.registry.set_chat(base.id, chat.as_dict())
         return chat
@@ -207,7 +208,7 @@ class VariantBuilder:
         to meet a budget, so a failure here is logged and not fatal."""
         try:
             async with self._profiling.setdefault(engine.device, asyncio.Lock()):
-                priors = await profile_engine(engine.base_url, variant_id)
+                priors = await profile_engine(engine.base_url, variant_id, headers=engine.auth_headers)
         except (httpx.HTTPError, RuntimeError) as exc:
             logger.warning("profiling %s failed (%s); it will not be routed by budget", variant_id, exc)
             return None

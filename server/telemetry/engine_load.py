@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from server.engines.base import EngineStatus
+from server.engines.base import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +46,9 @@ def parse_gauges(text: bytes, now: float) -> EngineGauges:
 
 
 class EngineLoadScraper:
-    def __init__(self, statuses: Callable[[], Iterable[EngineStatus]], http: httpx.AsyncClient,
+    def __init__(self, engines: Callable[[], Iterable[Engine]], http: httpx.AsyncClient,
                  interval_s: float = 1.0, stale_after_s: float = 5.0) -> None:
-        self._statuses = statuses
+        self._engines = engines
         self._http = http
         self.interval_s = interval_s
         self.stale_after_s = stale_after_s
@@ -72,22 +72,23 @@ class EngineLoadScraper:
 
     async def run(self) -> None:
         while True:
-            serving = [s for s in self._statuses() if s.serving]
-            await asyncio.gather(*(self._scrape(s) for s in serving))
-            live = {s.variant_id for s in serving}
+            serving = [e for e in self._engines() if e.status().serving]
+            await asyncio.gather(*(self._scrape(e) for e in serving))
+            live = {e.variant_id for e in serving}
             for gone in set(self._gauges) - live:
                 del self._gauges[gone]
             for gone in set(self._pages) - live:
                 del self._pages[gone]
             await asyncio.sleep(self.interval_s)
 
-    async def _scrape(self, status: EngineStatus) -> None:
+    async def _scrape(self, engine: Engine) -> None:
         try:
-            response = await self._http.get(f"{status.base_url}/metrics", timeout=self.interval_s)
+            response = await self._http.get(f"{engine.base_url}/metrics", timeout=self.interval_s,
+                                            headers=engine.auth_headers)  # fmt: skip
             response.raise_for_status()
         except httpx.HTTPError as exc:
-            logger.debug("scraping %s failed: %s", status.variant_id, exc)
+            logger.debug("scraping %s failed: %s", engine.variant_id, exc)
             return
         now = time.monotonic()
-        self._gauges[status.variant_id] = parse_gauges(response.content, now)
-        self._pages[status.variant_id] = (response.content, now)
+        self._gauges[engine.variant_id] = parse_gauges(response.content, now)
+        self._pages[engine.variant_id] = (response.content, now)

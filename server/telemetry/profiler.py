@@ -11,6 +11,7 @@ import asyncio
 import logging
 import statistics
 import time
+from collections.abc import Mapping
 
 import httpx
 
@@ -59,9 +60,10 @@ async def max_model_len(http: httpx.AsyncClient, base_url: str) -> int | None:
     return next((n for n in lengths if isinstance(n, int)), None)
 
 
-async def profile_engine(base_url: str, model: str, timeout_s: float = 300.0) -> LatencyPriors:
+async def profile_engine(base_url: str, model: str, timeout_s: float = 300.0,
+                         headers: Mapping[str, str] | None = None) -> LatencyPriors:  # fmt: skip
     url = f"{base_url}/v1/completions"
-    async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as http:
+    async with httpx.AsyncClient(timeout=timeout_s, trust_env=False, headers=headers) as http:
         limit = await max_model_len(http, base_url)
         long_prompt = min(LONG_PROMPT, (limit or 2 * LONG_PROMPT) // 2)
         await _prefill_ms(http, url, model, SHORT_PROMPT, salt=0)  # warm-up

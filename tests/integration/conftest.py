@@ -7,7 +7,7 @@ import openai
 import pytest
 
 from server.engines.local import free_loopback_port
-from tests.integration.gateway_process import API_KEY, GatewayProcess, alive, start_gateway
+from tests.integration.gateway_process import API_KEY, GatewayProcess, alive, engine_headers, start_gateway
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +42,10 @@ def engine_url(gateway: GatewayProcess) -> str:
     """The base engine's URL now (a restarted engine gets a new port)."""
     (engine,) = gateway.engines()
     return engine["base_url"]
+
+
+@pytest.fixture
+def engine_auth(gateway: GatewayProcess) -> dict[str, str]:
+    """The base engine's key now, as headers (a restarted engine keeps its key)."""
+    (engine,) = gateway.engines()
+    return engine_headers(engine)

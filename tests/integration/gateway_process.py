@@ -130,8 +130,15 @@ def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return still
 
 
-def engine_gauge(metrics_url: str, name: str) -> float:
-    text = httpx.get(metrics_url, timeout=5).text
+def engine_headers(engine: dict) -> dict[str, str]:
+    """The key the gateway gave this local engine (a row of GET /admin/engines), read from the engine
+    process's environment as any process of the same user could (server/engines/engine_guard.py)."""
+    key = psutil.Process(engine["pid"]).environ()["VLLM_API_KEY"]
+    return {"Authorization": f"Bearer {key}"}
+
+
+def engine_gauge(metrics_url: str, name: str, headers: dict[str, str]) -> float:
+    text = httpx.get(metrics_url, timeout=5, headers=headers).text
     match = re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ([0-9.eE+-]+)$", text, re.MULTILINE)
     if match is None:
         raise AssertionError(f"{name} not in {metrics_url}")

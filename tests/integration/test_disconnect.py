@@ -16,12 +16,14 @@ LONG = {"model": "smollm2-135m", "messages": [{"role": "user", "content": "Tell 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def _running(engine_url: str) -> float:
-    return engine_gauge(f"{engine_url}/metrics", "vllm:num_requests_running")
+def _running(engine_url: str, auth: dict[str, str]) -> float:
+    return engine_gauge(f"{engine_url}/metrics", "vllm:num_requests_running", auth)
 
 
-def test_stream_disconnect_aborts_the_engine_request(gateway: GatewayProcess, engine_url: str) -> None:
-    assert wait_for(lambda: _running(engine_url) == 0, 30)
+def test_stream_disconnect_aborts_the_engine_request(
+    gateway: GatewayProcess, engine_url: str, engine_auth: dict[str, str]
+) -> None:
+    assert wait_for(lambda: _running(engine_url, engine_auth) == 0, 30)
     with httpx.Client(timeout=60) as http, http.stream(
         "POST", f"{gateway.url}/v1/chat/completions", json={**LONG, "stream": True}, headers=HEADERS
     ) as response:
@@ -29,13 +31,16 @@ def test_stream_disconnect_aborts_the_engine_request(gateway: GatewayProcess, en
         lines = response.iter_lines()
         data = [line for line in (next(lines) for _ in range(12)) if line.startswith("data:")]
         assert data, "no SSE data before disconnecting"
-        assert _running(engine_url) >= 1
+        assert _running(engine_url, engine_auth) >= 1
     # The connection is closed mid-stream: 1,500 tokens would take a minute more.
-    assert wait_for(lambda: _running(engine_url) == 0, 10), "engine still generating after the client left"
+    idle = wait_for(lambda: _running(engine_url, engine_auth) == 0, 10)
+    assert idle, "engine still generating after the client left"
 
 
-def test_non_streaming_disconnect_aborts_the_engine_request(gateway: GatewayProcess, engine_url: str) -> None:
-    assert wait_for(lambda: _running(engine_url) == 0, 30)
+def test_non_streaming_disconnect_aborts_the_engine_request(
+    gateway: GatewayProcess, engine_url: str, engine_auth: dict[str, str]
+) -> None:
+    assert wait_for(lambda: _running(engine_url, engine_auth) == 0, 30)
     errors: list[Exception] = []
 
     def impatient_client() -> None:
@@ -46,7 +51,8 @@ def test_non_streaming_disconnect_aborts_the_engine_request(gateway: GatewayProc
 
     thread = threading.Thread(target=impatient_client)
     thread.start()
-    assert wait_for(lambda: _running(engine_url) >= 1, 4), "the request never reached the engine"
+    assert wait_for(lambda: _running(engine_url, engine_auth) >= 1, 4), "the request never reached the engine"
     thread.join()
     assert errors, "the request finished before the client gave up; make it longer"
-    assert wait_for(lambda: _running(engine_url) == 0, 10), "engine still generating after the client left"
+    idle = wait_for(lambda: _running(engine_url, engine_auth) == 0, 10)
+    assert idle, "engine still generating after the client left"

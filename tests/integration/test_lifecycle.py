@@ -6,6 +6,7 @@ import os
 import signal
 import time
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -21,10 +22,31 @@ pytestmark = pytest.mark.engine
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def test_remote_engine_serves_through_the_same_client_path(engine_url: str, tmp_path) -> None:
-    """A second gateway that owns no engine, pointed at the first one's engine by URL."""
-    settings = Settings(home=tmp_path, embedded_model=False, remote_engines={"smollm2-135m@bf16": engine_url},
-                        admin_key=ADMIN_KEY)
+def test_local_engine_answers_only_its_gateway(engine_url: str, engine_auth: dict[str, str]) -> None:
+    """Every engine route but the liveness probe asks the key only the gateway holds: vLLM's own
+    --api-key would leave /tokenize, /metrics and the rest open on the loopback port."""
+    with httpx.Client(base_url=engine_url, timeout=30, trust_env=False) as http:
+        assert http.get("/health").status_code == 200
+        tokenize = {"model": "smollm2-135m@bf16", "prompt": "Paris"}
+        routes = [("GET", "/v1/models", None), ("POST", "/v1/completions", {**tokenize, "max_tokens": 1}),
+                  ("POST", "/tokenize", tokenize), ("POST", "/detokenize", {**tokenize, "tokens": [1]}),
+                  ("GET", "/metrics", None), ("GET", "/version", None), ("GET", "/load", None)]
+        for method, path, body in routes:
+            bare_key = {"Authorization": engine_auth["Authorization"].removeprefix("Bearer ")}
+            for headers in ({}, {"Authorization": "Bearer wrong"}, bare_key):
+                response = http.request(method, path, json=body, headers=headers)
+                assert response.status_code == 401, f"{method} {path} with {headers}: {response.status_code}"
+                assert response.json()["error"]["type"] == "unauthorized"
+        assert http.post("/tokenize", json=tokenize, headers=engine_auth).json()["count"] >= 1
+        assert "vllm:num_requests_running" in http.get("/metrics", headers=engine_auth).text
+
+
+def test_remote_engine_serves_through_the_same_client_path(engine_url: str, engine_auth: dict[str, str],
+                                                           tmp_path) -> None:  # fmt: skip
+    """A second gateway that owns no engine, pointed at the first one's engine by URL and key."""
+    key = engine_auth["Authorization"].removeprefix("Bearer ")
+    settings = Settings(home=tmp_path, embedded_model=False, admin_key=ADMIN_KEY,
+                        remote_engines={"smollm2-135m@bf16": {"url": engine_url, "api_key": key}})
     with TestClient(create_app(settings)) as http:
         # Bounded by the first health poll of the remote engine (seconds); generous for slow boxes.
         assert wait_for(lambda: http.get("/ready").status_code == 200, 120), http.get("/ready").text

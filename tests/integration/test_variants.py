@@ -25,7 +25,7 @@ from server.models.embedded import ensure_checkpoint, find_bundled_gguf, sha256_
 from server.registry.artifacts import artifact_dir, artifact_key
 from server.settings import Settings
 from tests import kernels
-from tests.integration.gateway_process import TEST_HOME, GatewayProcess
+from tests.integration.gateway_process import TEST_HOME, GatewayProcess, engine_headers
 
 pytestmark = [pytest.mark.engine, pytest.mark.full]
 
@@ -53,7 +53,7 @@ def base_measures(gateway: GatewayProcess, eval_windows: list[list[int]]) -> tup
     (engine,) = gateway.engines()
 
     async def measure() -> tuple[float, ChatScore]:
-        async with httpx.AsyncClient(timeout=600) as http:
+        async with httpx.AsyncClient(timeout=600, headers=engine_headers(engine)) as http:
             ppl = await perplexity(http, engine["base_url"], "smollm2-135m@bf16", eval_windows)
             return ppl.ppl, await chat_answers(http, engine["base_url"], "smollm2-135m@bf16")
 
@@ -71,7 +71,7 @@ async def _serve_and_evaluate(variant_dir: Path, variant_id: str, windows: list[
             assert engine.status().state is not EngineState.FAILED, engine.log_path.read_text()[-3000:]
             assert time.monotonic() < deadline, "variant engine not ready in 600 s"
             await asyncio.sleep(1)
-        async with httpx.AsyncClient(timeout=600) as http:
+        async with httpx.AsyncClient(timeout=600, headers=engine.auth_headers) as http:
             ppl = await perplexity(http, engine.base_url, variant_id, windows)
             chat = await chat_answers(http, engine.base_url, variant_id)
         return ppl.ppl, chat

@@ -91,7 +91,9 @@ def test_engines_are_sized_probed_and_drained(rendered, overlay: str) -> None:
         startup = container["startupProbe"]
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 600, name  # >= 10 min to load
         assert "ready.py" in " ".join(container["readinessProbe"]["exec"]["command"]), name
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value") or e["valueFrom"] for e in container["env"]}
+        # The engine answers /v1 only with the key the gateway holds (the same Secret's engine-key).
+        assert env["VLLM_API_KEY"] == {"secretKeyRef": {"name": "quantgate-keys", "key": "engine-key"}}, name
         served = next(a.split("=", 1)[1] for a in container["args"] if a.startswith("--served-model-name="))
         assert env["SERVED_MODEL_NAME"] == served, name  # readiness checks the variant this pod serves
         assert "--scheduling-policy=priority" in container["args"], name
@@ -125,6 +127,9 @@ def test_gateway_routes_across_exactly_the_engines_deployed(rendered, overlay: s
     gateway = next(d for d in _of(docs, "Deployment") if d["metadata"]["name"] == "quantgate-gateway")
     env_from = gateway["spec"]["template"]["spec"]["containers"][0]["envFrom"]
     assert env_from == [{"configMapRef": {"name": config["metadata"]["name"]}}]
+    # The gateway sends the engines' key (their VLLM_API_KEY, same Secret) on every request to them.
+    env = {e["name"]: e.get("valueFrom") for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["QUANTGATE_REMOTE_ENGINE_KEY"] == {"secretKeyRef": {"name": "quantgate-keys", "key": "engine-key"}}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

@@ -44,6 +44,6 @@ def test_children_get_the_environment_less_the_gateway_s_secrets(monkeypatch) ->
     env = child_environment({"HF_HUB_OFFLINE": "1"})
     assert "QUANTGATE_API_KEYS" not in env and "QUANTGATE_ADMIN_KEY" not in env
     assert env["QUANTGATE_CALIBRATION_DTYPE"] == "float32" and env["PATH"] == "/usr/bin" and env["HF_HUB_OFFLINE"] == "1"
-    engine = LocalEngineConfig("m@bf16", Path("/m"), "cpu", "bfloat16", 2048, Path("/logs")).environment()
+    engine = LocalEngineConfig("m@bf16", Path("/m"), "cpu", "bfloat16", 2048, Path("/logs")).environment("k")
     assert "QUANTGATE_API_KEYS" not in engine and "QUANTGATE_ADMIN_KEY" not in engine
     assert engine["HF_HUB_OFFLINE"] == "1" and engine["PATH"] == "/usr/bin"

@@ -81,9 +81,9 @@ def test_torchao_engines_get_the_plugins_env_and_the_variants_dtype(tmp_path: Pa
     settings = Settings(home=tmp_path, engine_dtype="float32")
     artifact_args = ("--quantization", "torchao", "--hf-overrides", "{}", "--dtype", "bfloat16")
     config = local_engine_config(settings, Hardware("cpu", False), "m@int4-ao", tmp_path, artifact_args)
-    assert config.dtype == "bfloat16" and config.environment()[TORCHAO_ENV] == "1"
+    assert config.dtype == "bfloat16" and config.environment("k")[TORCHAO_ENV] == "1"
     plain = LocalEngineConfig("m@int8", tmp_path, "cpu", "float32", 2048, tmp_path, python=sys.executable)
-    assert plain.environment().get(TORCHAO_ENV) != "1"
+    assert plain.environment("k").get(TORCHAO_ENV) != "1"
 
 
 def test_a_substitute_the_host_cannot_run_either_is_not_claimed() -> None:
