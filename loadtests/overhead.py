@@ -77,18 +77,20 @@ def _bucket_quantile(before: dict[float, float], after: dict[float, float], q: f
 
 
 def latency_overhead(url: str, model: str, engine_url: str, engine_model: str, concurrencies: list[int],
-                     per_round: int, rounds: int, headers: dict[str, str]) -> list[dict]:  # fmt: skip
+                     per_round: int, rounds: int, headers: dict[str, str],
+                     direct_headers: dict[str, str] | None = None) -> list[dict]:  # fmt: skip
     rows = []
     for concurrency in concurrencies:
         paths: dict[str, list[harness.Result]] = {"direct": [], "gateway": []}
         before = _overhead_histogram(url)
         for i in range(rounds):
             trace = _trace(per_round)
-            order = [("direct", engine_url, engine_model), ("gateway", url, model)]
-            for name, target, target_model in order if i % 2 == 0 else order[::-1]:
+            order = [("direct", engine_url, engine_model, direct_headers or headers),
+                     ("gateway", url, model, headers)]
+            for name, target, target_model, sent in order if i % 2 == 0 else order[::-1]:
                 fresh = [dataclasses.replace(r) for r in trace]
                 paths[name] += asyncio.run(harness.closed_loop(target, fresh, concurrency, target_model, name,
-                                                               headers=headers))  # fmt: skip
+                                                               headers=sent))  # fmt: skip
         after = _overhead_histogram(url)
         row = {"concurrency": concurrency, "requests_per_path": len(paths["direct"])}
         for name, results in paths.items():
@@ -232,7 +234,16 @@ def _latency_against(url: str, args: argparse.Namespace) -> list[dict]:
         base = min(engines, key=lambda e: e["variant_id"])
     print(f"direct: {base['variant_id']} at {base['base_url']}; gateway: {args.variant or args.model}", flush=True)
     return latency_overhead(url, args.variant or args.model, base["base_url"], base["variant_id"], args.concurrency,
-                            args.per_round, args.rounds, {})  # fmt: skip
+                            args.per_round, args.rounds, {}, _engine_key(base))  # fmt: skip
+
+
+def _engine_key(engine: dict) -> dict[str, str]:
+    """A local engine asks the key its gateway gave it (server/engines/engine_guard.py): on this host it
+    is in the engine process's environment. A remote engine: none (or start it without --api-key)."""
+    if engine.get("pid") is None:
+        return {}
+    key = psutil.Process(engine["pid"]).environ().get("VLLM_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from server import __version__
 from server.api import admin_routes, openai_routes, ops_routes
 from server.bootstrap import Bootstrap, local_engine_config
 from server.catalog import Catalog
+from server.drain import Drain
 from server.engines.client import EngineClient, build_http_client, build_upstream_session
 from server.engines.hardware import detect
 from server.engines.probe import probe as probe_kernels
@@ -62,7 +63,8 @@ def create_app(settings: Settings) -> FastAPI:
         per_engine = max([settings.engine_max_in_flight] + [r.max_in_flight or 0 for r in settings.remote_engines.values()])
         upstream = EngineClient(build_upstream_session(settings.upstream_connect_timeout_s,
                                                        settings.upstream_read_timeout_s, per_engine))  # fmt: skip
-        gateway = Gateway(settings, catalog, supervisor, upstream, metrics, service, book, load)
+        gateway = Gateway(settings, catalog, supervisor, upstream, metrics, service, book, load,
+                          app.state.drain)
         app.state.gateway = gateway  # the serving service; the others for the admin and ops routes
         app.state.settings, app.state.models, app.state.catalog = settings, service, catalog
         app.state.supervisor, app.state.book, app.state.metrics, app.state.load = supervisor, book, metrics, load
@@ -85,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
             registry.close()
 
     app = FastAPI(title="quantgate", version=__version__, lifespan=lifespan)
+    app.state.drain = Drain()  # the server (server/cli.py) begins it at SIGTERM
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(ops_routes.router)

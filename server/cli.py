@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import typer
@@ -44,6 +45,7 @@ def serve(
     import uvicorn
 
     from server.app import create_app
+    from server.drain import DrainingServer
 
     settings = _load_settings(host=host, port=port)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -53,10 +55,21 @@ def serve(
         logging.getLogger("server").warning(
             "listening on %s with no QUANTGATE_API_KEYS: /v1/* is open to anyone who can reach it", settings.host
         )
+    api = create_app(settings)
     # Forwarded headers only from the proxies configured (uvicorn believes any loopback peer by default).
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, timeout_graceful_shutdown=10, proxy_headers=bool(settings.trusted_proxies),
-                forwarded_allow_ips=",".join(settings.trusted_proxies) or None)
+    # At SIGTERM the gateway drains first (server/drain.py); uvicorn's own grace then covers what is left.
+    config = uvicorn.Config(api, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, timeout_graceful_shutdown=5,
+                            proxy_headers=bool(settings.trusted_proxies),
+                            forwarded_allow_ips=",".join(settings.trusted_proxies) or None)  # fmt: skip
+
+    def in_flight() -> int:
+        gateway = getattr(api.state, "gateway", None)  # there once the lifespan has started
+        return gateway.requests_in_flight() if gateway is not None else 0
+
+    # uvicorn re-raises the signal it caught once shut down; Ctrl-C is then a clean exit, as in uvicorn.run.
+    with contextlib.suppress(KeyboardInterrupt):
+        DrainingServer(config, api.state.drain, in_flight, settings.drain_grace_s).run()
 
 
 @app.command()

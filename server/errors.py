@@ -76,6 +76,19 @@ class EngineUnavailable(GatewayError):
     default_code = "engine_unavailable"
 
 
+class ShuttingDown(GatewayError):
+    """The gateway is draining before it exits (server/drain.py): another replica, or this one
+    restarted, will serve a retry."""
+
+    status_code = 503
+    error_type = "service_unavailable_error"
+    default_code = "shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("the gateway is shutting down; retry (another replica, or this one once restarted)",
+                         headers={"Retry-After": "1"})
+
+
 class EnginesAtCapacity(GatewayError):
     """Every engine that could serve the request already has as many requests in flight as the
     gateway admits to it: overload is answered here, before an engine or a pool has to queue it."""

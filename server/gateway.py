@@ -25,6 +25,7 @@ from dataclasses import replace
 from typing import Any
 
 from server.catalog import Catalog, LogicalModel, Variant
+from server.drain import Drain
 from server.engines.client import EngineClient
 from server.engines.streaming import StreamTiming, relay
 from server.engines.supervisor import EngineSupervisor
@@ -46,8 +47,10 @@ logger = logging.getLogger(__name__)
 CLIENT_CLOSED = 499  # nginx's status for "client closed request"; never sent, only counted
 class Gateway:
     def __init__(self, settings: Settings, catalog: Catalog, supervisor: EngineSupervisor, engines: EngineClient,
-                 metrics: GatewayMetrics, models: ModelService, book: LatencyBook, load: EngineLoadScraper) -> None:
+                 metrics: GatewayMetrics, models: ModelService, book: LatencyBook, load: EngineLoadScraper,
+                 drain: Drain | None = None) -> None:  # fmt: skip
         self.settings = settings
+        self.drain = drain or Drain()
         self.models = models
         self.catalog = catalog
         self.supervisor = supervisor
@@ -63,6 +66,10 @@ class Gateway:
 
     def serving_variant_ids(self) -> set[str]:
         return {s.variant_id for s in self.supervisor.statuses() if s.serving}
+
+    def requests_in_flight(self) -> int:
+        """Requests sent to an engine and not yet answered (streams until their last chunk)."""
+        return sum(self.in_flight.values())
 
     def readiness(self) -> dict[str, bool]:
         """Per logical model: does it have at least one serving variant?"""
@@ -319,7 +326,7 @@ class Gateway:
                                                         alone(device, seq, timing.first_chunk),
                                                         alone(device, seq)))  # fmt: skip
 
-        return Streamed(relay(upstream, StreamTiming(started=call.started), on_close),
+        return Streamed(relay(upstream, StreamTiming(started=call.started), on_close, self.drain.cut),
                         {**headers, "cache-control": "no-cache"})
 
     def _enter(self, call: Call) -> tuple[str, int]:

@@ -68,6 +68,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     home: Path = Field(default_factory=_default_home, description="all state and caches")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # At SIGTERM: how long requests in flight may take to finish before streams are cut (server/drain.py);
+    # below Kubernetes' terminationGracePeriodSeconds (90 s in k8s/base/gateway-deployment.yaml).
+    drain_grace_s: float = Field(60.0, ge=0, le=3600)
 
     # Comma-separated or a JSON list; empty means /v1/* is open.
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()

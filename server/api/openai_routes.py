@@ -20,7 +20,7 @@ from server.api.features import estimate_prompt_tokens, request_budget
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, parse_request, upstream_body
 from server.api.responses import RelayResponse, unless_disconnected
 from server.catalog import Catalog
-from server.errors import ClientDisconnected, GatewayError, ModelNotFound
+from server.errors import ClientDisconnected, GatewayError, ModelNotFound, ShuttingDown
 from server.gateway import CLIENT_CLOSED, Gateway
 from server.serving_types import RequestLabels, ServeRequest, Streamed
 from server.settings import Settings
@@ -101,6 +101,8 @@ async def _serve(request: Request, endpoint: Endpoint) -> Response:
     check_api_key(request, settings)
     labels = RequestLabels(endpoint.name)
     try:
+        if request.app.state.drain.draining:
+            raise ShuttingDown()
         body = await read_json_body(request, settings.limits.max_body_bytes, settings.limits.max_json_depth)
         parsed = parse_request(endpoint.schema, body, settings.limits)
         served = await gateway.serve(ServeRequest(

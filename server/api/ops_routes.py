@@ -20,10 +20,12 @@ async def health() -> dict:
 
 @router.get("/ready")
 async def ready(gateway: GatewayDep) -> JSONResponse:
-    """Ready when every configured model has at least one serving variant."""
+    """Ready when every configured model has at least one serving variant, and not draining."""
     models = gateway.readiness()
-    is_ready = bool(models) and all(models.values())
-    return JSONResponse({"ready": is_ready, "models": models}, status_code=200 if is_ready else 503)
+    draining = gateway.drain.draining
+    is_ready = bool(models) and all(models.values()) and not draining
+    body = {"ready": is_ready, "models": models, **({"draining": True} if draining else {})}
+    return JSONResponse(body, status_code=200 if is_ready else 503)
 
 
 @router.get("/metrics")

@@ -209,6 +209,10 @@ class LocalEngine(Engine):
             self._detail = ""
             logger.info("engine %s ready at %s", self.variant_id, self.base_url)
             await self._proc.wait()
+            # Out of the routing set the moment the API server exits, not after its group is reaped
+            # (up to stop_timeout_s: 21.8 s of "ready" for a dead engine, issue 15).
+            self._state = EngineState.RESTARTING
+            self._detail = f"exit code {self._proc.returncode}"
         # The API server is gone; its EngineCore and workers (same process group) would otherwise
         # linger as orphans holding gigabytes, so the group goes too before any restart.
         await self._kill_group()

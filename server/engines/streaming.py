@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -49,14 +50,23 @@ def _parse_usage(data: bytes) -> dict | None:
 
 
 async def relay(
-    upstream: UpstreamStream, timing: StreamTiming, on_close: Callable[[StreamTiming], None]
+    upstream: UpstreamStream, timing: StreamTiming, on_close: Callable[[StreamTiming], None],
+    cut: asyncio.Event | None = None,
 ) -> AsyncIterator[bytes]:
     """Yield the engine's bytes unchanged. If the client goes away the ASGI server cancels this
-    generator and `finally` closes the upstream connection, which makes vLLM abort the request."""
+    generator and `finally` closes the upstream connection, which makes vLLM abort the request.
+    When `cut` is set (the gateway's drain grace is over, server/drain.py) the stream ends after its
+    next chunk with an error chunk and `[DONE]`, so the client knows it was cut short."""
     try:
         async for chunk in upstream.chunks():
             timing.chunk(time.perf_counter(), chunk)
             yield chunk
+            if cut is not None and cut.is_set() and not timing.completed:
+                logger.warning("stream cut short: the gateway is shutting down")
+                body = error_body("the gateway is shutting down; the answer was cut short", "server_error",
+                                  None, 503)
+                yield f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
+                return
     except UpstreamBroken as exc:
         # Bytes already reached the client: the status is sent, so report in-band as vLLM does.
         logger.warning("upstream stream broke: %s", exc)

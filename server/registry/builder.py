@@ -12,6 +12,7 @@ floor and chat answers within the gate's margins of the base's own: ready (serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -65,9 +66,21 @@ class VariantBuilder:
         # Engines of one device are profiled one at a time: profiled together they share the device
         # and their priors come out too slow (fp8 and w4a16 2x on one H200, FACTS.md).
         self._profiling: dict[str, asyncio.Lock] = {}
+        self._building: tuple[str, asyncio.Task[None]] | None = None  # (model, the build in progress)
 
     def wake(self) -> None:
         self._wake.set()
+
+    async def cancel(self, model: str) -> bool:
+        """Stop the build in progress if it is one of `model`'s variants (its compression process group
+        is killed and its half-written output removed: server/jobs/compress.py). True if one was."""
+        if self._building is None or self._building[0] != model:
+            return False
+        task = self._building[1]
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return True
 
     async def run(self) -> None:
         """Build pending variants forever; sleeps until woken when there are none."""
@@ -77,13 +90,20 @@ class VariantBuilder:
             if record is None:
                 await self._wake.wait()
                 continue
+            task = asyncio.create_task(self.build(record), name=f"build:{record.id}")
+            self._building = (record.model, task)
             try:
-                await self.build(record)
+                await task
             except asyncio.CancelledError:
-                raise
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the builder itself is stopping (awaiting the task cancelled it too)
+                logger.info("building %s stopped: its model was removed", record.id)
             except Exception as exc:  # one bad variant must not stop the others
                 logger.exception("building %s failed", record.id)
                 self._fail(record.id, f"{type(exc).__name__}: {exc}")
+            finally:
+                self._building = None
 
     async def start_engine(self, record: VariantRecord) -> Engine:
         """Start (or attach) the engine that serves `record` and wait until it is healthy."""

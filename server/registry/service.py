@@ -92,8 +92,13 @@ class ModelService:
 
     async def remove(self, name: str) -> None:
         variants = self.registry.remove_model(name)
+        # Its rows went first, so the builder picks none of its variants next; then the build in progress
+        # stops (compression process group killed, output removed) and its engines: DELETE during
+        # compression used to leave the compression running (issue 15).
+        stopped = await self.builder.cancel(name)
         await asyncio.gather(*(self.supervisor.remove(v.id) for v in variants))
-        logger.info("removed %s and its %d variant(s)", name, len(variants))
+        logger.info("removed %s and its %d variant(s)%s", name, len(variants),
+                    "; its build stopped" * stopped)
 
     def job(self, job_id: int) -> dict[str, Any]:
         """One compression job, with its variant's state, reason and log."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 
 from server.engines.local import free_loopback_port
@@ -84,6 +85,15 @@ def busy(gateway: GatewayProcess, variant_id: str, streams: int, max_tokens: int
         http.close()
 
 
+def _compress_int8(gateway: GatewayProcess, source: Path, name: str) -> None:
+    """Register `source` as `name` with an int8 rung and wait until the rung is compressing."""
+    gateway.wait_serving()
+    response = admin(gateway, "POST", "/admin/models", json={"path": str(source), "name": name,
+                                                              "variants": ["int8"], "max_ppl_delta": 100})
+    assert response.status_code == 202, response.text
+    assert wait_for(lambda: states(gateway, name)["int8"] == "compressing", 600, 0.2), gateway.log_tail()
+
+
 def crash_mid_compression(source: Path, name: str, **env: str) -> None:
     """Kill -9 the gateway while it compresses int8; a restart leaves no half variant and finishes it."""
     # Its own artifact store, so int8 is really compressed (and can be caught doing it).
@@ -91,21 +101,14 @@ def crash_mid_compression(source: Path, name: str, **env: str) -> None:
     env = {"QUANTGATE_EMBEDDED_MODEL": "false", **env}
     first = start_gateway(free_loopback_port(), home=home, **env)
     try:
-        first.wait_serving()
-        response = admin(first, "POST", "/admin/models", json={"path": str(source), "name": name,
-                                                                "variants": ["int8"], "max_ppl_delta": 100})
-        assert response.status_code == 202, response.text
-        assert wait_for(lambda: states(first, name)["int8"] == "compressing", 600, 0.2), first.log_tail()
+        _compress_int8(first, source, name)
         assert wait_for(lambda: any((home / "artifacts").glob(".*.tmp-*")), 120, 0.1), first.log_tail()
     finally:
         os.killpg(first.proc.pid, signal.SIGKILL)  # the gateway dies without any clean-up
         first.proc.wait()
 
-    def job_alive() -> bool:  # the job and the engines die with the gateway (parent-death signal)
-        processes = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=False).stdout.splitlines()
-        return any("optimizers" in p and str(home) in p for p in processes)
-
-    assert wait_for(lambda: not job_alive(), 15), "the compression job outlived the gateway"
+    # The job and the engines die with the gateway (parent-death signal).
+    assert wait_for(lambda: not _job_alive(home), 15), "the compression job outlived the gateway"
     assert Registry(home / "registry.sqlite3").variant(f"{name}@int8").state.value == "compressing"
 
     second = start_gateway(free_loopback_port(), home=home, **env)
@@ -125,6 +128,37 @@ def crash_mid_compression(source: Path, name: str, **env: str) -> None:
         assert completion.model == f"{name}@int8" and completion.usage.completion_tokens > 0
     finally:
         second.stop(signal.SIGTERM)
+
+
+def _job_alive(home: Path) -> bool:
+    """A compression job of this home running. Not `ps -eo args`: under pytest it cut each line at 80
+    columns, before the home's path, so this read "gone" for a running job."""
+    for process in psutil.process_iter(["cmdline"]):
+        command = " ".join(process.info["cmdline"] or ())
+        if "optimizers" in command and str(home) in command:
+            return True
+    return False
+
+
+def delete_mid_compression(source: Path, name: str, **env: str) -> None:
+    """DELETE /admin/models/{name} while it compresses int8: the job stops, its output goes, its engines stop,
+    and the gateway keeps serving (issue 15: the compression used to run on)."""
+    home = shared_home(f"registry-delete-{name}", share=("checkpoints", "cache"))
+    gateway = start_gateway(free_loopback_port(), home=home, QUANTGATE_EMBEDDED_MODEL="false", **env)
+    try:
+        _compress_int8(gateway, source, name)
+        # The job's process (a tiny model compresses in seconds, most of them importing llm-compressor).
+        assert wait_for(lambda: _job_alive(home), 120, 0.05), gateway.log_tail()
+        response = admin(gateway, "DELETE", f"/admin/models/{name}")
+        assert response.status_code == 200, response.text
+        assert not _job_alive(home), "the compression job outlived its model's DELETE"
+        assert not any((home / "artifacts").glob(".*.tmp-*")), "half-written variant left after DELETE"
+        assert admin(gateway, "GET", f"/admin/models/{name}").status_code == 404
+        assert not [e for e in gateway.engines() if e["variant_id"].startswith(f"{name}@")]
+        assert "its build stopped" in gateway.log_tail(400)
+        assert httpx.get(f"{gateway.url}/health", timeout=5).status_code == 200
+    finally:
+        gateway.stop(signal.SIGTERM)
 
 
 def unservable_and_chat_broken_rungs_are_refused(source: Path, name: str) -> None:

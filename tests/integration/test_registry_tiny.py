@@ -26,6 +26,7 @@ from tests.integration.registry_steps import (
     LENIENT_CHAT_GATE,
     cli,
     crash_mid_compression,
+    delete_mid_compression,
     unservable_and_chat_broken_rungs_are_refused,
     wait_terminal,
 )
@@ -139,6 +140,10 @@ def test_models_rm_stops_engines_and_reuses_artifacts(registry_gateway: GatewayP
 
 def test_a_crash_mid_compression_leaves_no_half_variant(tiny: Path) -> None:
     crash_mid_compression(tiny, "c", QUANTGATE_CHAT_GATE=LENIENT_CHAT_GATE)
+
+
+def test_deleting_a_model_mid_compression_stops_the_job(tiny: Path) -> None:
+    delete_mid_compression(tiny, "d", QUANTGATE_CHAT_GATE=LENIENT_CHAT_GATE)
 
 
 def test_unservable_and_chat_broken_rungs_are_refused_with_the_reason(tiny: Path) -> None:
