@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from server import __version__
 from server.api import admin_routes, openai_routes, ops_routes
+from server.api.openapi import document
 from server.bootstrap import Bootstrap, local_engine_config
 from server.catalog import Catalog
 from server.drain import Drain
@@ -89,6 +90,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="quantgate", version=__version__, lifespan=lifespan)
     app.state.drain = Drain()  # the server (server/cli.py) begins it at SIGTERM
     install_error_handlers(app)
+    document(app, settings.limits)
     app.include_router(openai_routes.router)
     app.include_router(ops_routes.router)
     app.include_router(admin_routes.router)

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -57,7 +58,7 @@ async def remove_model(name: str, models: ModelsDep) -> dict:
 
 
 @router.get("/jobs/{job_id}")
-async def get_job(job_id: int, models: ModelsDep) -> dict:
+async def get_job(models: ModelsDep, job_id: int = PathParam(ge=1, le=2**63 - 1)) -> dict:  # SQLite INTEGER
     return models.job(job_id)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from server.errors import InvalidRequest, validation_error_to_invalid_request
 from server.settings import Limits
@@ -43,6 +43,19 @@ def upstream_body(body: dict[str, Any], stream: bool) -> dict[str, Any]:
 ServiceTier = Literal["auto", "default", "flex", "priority"]
 
 
+INTEGER_FIELDS = ("n", "max_tokens", "max_completion_tokens", "seed", "logprobs", "top_logprobs")
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 2.0 is the integer 2, as JSON Schema says (strict validation refused it,
+    so a client or fuzzer writing 2.0 for `n` got a 400 for a valid request); 2.5 and "2" stay errors."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: bool | None = None
@@ -68,6 +81,14 @@ class _Common(BaseModel):
     user: str | None = Field(None, max_length=512)
     service_tier: ServiceTier | None = None
     latency_budget_ms: float | None = Field(None, gt=0, le=3_600_000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_numbers(cls, body: Any) -> Any:
+        if not isinstance(body, dict):
+            return body
+        fields = [f for f in (*INTEGER_FIELDS, "prompt") if f in body]
+        return {**body, **{f: _integral(body[f]) for f in fields}} if fields else body
 
     def check_extra_fields(self) -> None:
         for name in self.model_extra or {}:

@@ -180,3 +180,15 @@ def test_without_an_admin_key_admin_answers_loopback_clients_that_name_a_loopbac
         assert response.status_code == status, response.text
         if status == 403:
             assert _assert_openai_error(response, 403)["code"] == "admin_only"
+
+
+def test_a_wrong_method_names_every_method_of_the_path(client: TestClient) -> None:
+    """Starlette's 405 named the first route's methods only: GET /admin/models/{name} hid DELETE."""
+    response = client.options("/admin/models/x", headers=_auth(ADMIN_KEY))
+    assert response.status_code == 405 and response.headers["allow"] == "DELETE, GET"
+    assert client.put("/v1/chat/completions", headers=_auth()).headers["allow"] == "POST"
+
+
+def test_a_job_id_past_sqlite_integers_is_a_400_not_a_500(client: TestClient) -> None:
+    response = client.get("/admin/jobs/35833764212711196983296", headers=_auth(ADMIN_KEY))
+    _assert_openai_error(response, 400)

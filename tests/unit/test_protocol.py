@@ -29,6 +29,8 @@ MSG = [{"role": "user", "content": "hi"}]
         ({"model": "m", "messages": MSG, "frobnicate": 1}, "frobnicate", "unsupported parameter"),
         ({"model": "m", "messages": MSG, "service_tier": "gold"}, "service_tier", "Input should be"),
         ({"model": "m", "messages": MSG, "n": "2"}, "n", "valid integer"),
+        ({"model": "m", "messages": MSG, "n": 2.5}, "n", "valid integer"),
+        ({"model": "m", "messages": MSG, "n": True}, "n", "valid integer"),
         ({"model": "m", "messages": MSG, "stream": "yes"}, "stream", "valid boolean"),
         ({"model": "m", "messages": MSG, "temperature": False}, "temperature", "valid number"),
         ({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role", "Input should be"),
@@ -106,3 +108,12 @@ def test_stream_options_without_stream_is_accepted_and_not_forwarded() -> None:
     assert upstream_body(body, stream=False) == {"model": "m", "messages": MSG}
     assert upstream_body({**body, "stream": True}, stream=True) == {
         "model": "m", "messages": MSG, "stream_options": {"include_usage": True}, "stream": True}
+
+
+def test_an_integral_number_is_an_integer_as_json_schema_says() -> None:
+    """2.0 is the integer 2 in JSON (and to the fuzzer reading /openapi.json); strict validation refused it."""
+    chat = parse_request(ChatCompletionRequest, {"model": "m", "messages": MSG, "n": 2.0, "max_tokens": 8.0,
+                                                 "seed": -3.0, "top_logprobs": 1.0, "logprobs": True}, LIMITS)
+    assert (chat.n, chat.max_tokens, chat.seed, chat.top_logprobs) == (2, 8, -3, 1)
+    text = parse_request(CompletionRequest, {"model": "m", "prompt": [[1.0, 2.0]], "logprobs": 2.0}, LIMITS)
+    assert text.prompt == [[1, 2]] and text.logprobs == 2
