@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from server.errors import ModelNotFound
-from server.registry.store import Registry, VariantRecord, VariantState
+from server.registry.store import ModelRecord, Registry, VariantRecord, VariantState
 
 VARIANT_SEPARATOR = "@"
 BASE_METHOD = "base"  # the method of a model's source checkpoint, the reference of its ladder
@@ -69,6 +69,9 @@ class LogicalModel:
     name: str
     created: int
     variants: list[Variant] = field(default_factory=list)
+    # Why a request with tools (tool_choice other than "none") is refused: a registered model without a
+    # tool-call parser. None: its engines parse tool calls, or (a declared remote model) the engine decides.
+    tools_refused: str | None = None
 
     def accuracy_order(self) -> list[Variant]:
         """Most accurate first: the base, then by measured ppl delta, unmeasured last."""
@@ -89,12 +92,16 @@ class Catalog:
         """Load every registered variant, then stay in step with the registry's writes."""
         for model in registry.models():
             for record in registry.variants(model.name):
-                self.variant_written(record, model.created_at)
+                self.variant_written(record, model)
         registry.watch(self)
 
     # server.registry.store.RegistryWatcher
-    def variant_written(self, record: VariantRecord, model_created_at: float) -> None:
-        self.add_variant(Variant.from_record(record), int(model_created_at))
+    def variant_written(self, record: VariantRecord, model: ModelRecord) -> None:
+        self.add_variant(Variant.from_record(record), int(model.created_at))
+        self._models[model.name].tools_refused = None if model.tool_call_parser else (
+            f"model '{model.name}' was registered without a tool_call_parser, so its tool calls cannot be parsed: "
+            'only tool_choice "none" is served with tools. Register the model with tool_call_parser (POST '
+            "/admin/models) where its chat template renders tools")
 
     def model_removed(self, name: str) -> None:
         self._models.pop(name, None)

@@ -65,6 +65,8 @@ def add(
     name: str = typer.Option(..., "--name", help="logical model name, e.g. llama-3.1-8b"),
     variants: str = typer.Option(None, "--variants", help="comma-separated methods, e.g. int8,int4-gptq,awq"),
     max_ppl_delta: float = typer.Option(None, "--max-ppl-delta", help="quality floor, e.g. 0.3 for +30%"),
+    tool_call_parser: str = typer.Option(None, "--tool-call-parser",
+                                         help="vLLM's parser for the model's tool calls, e.g. hermes"),
     wait: bool = typer.Option(True, help="follow the build until every variant is ready, rejected or failed"),
     url: str = typer.Option(None, help="gateway URL (default from QUANTGATE_HOST/PORT)"),
 ) -> None:
@@ -74,6 +76,8 @@ def add(
         body["variants"] = [m.strip() for m in variants.split(",") if m.strip()]
     if max_ppl_delta is not None:
         body["max_ppl_delta"] = max_ppl_delta
+    if tool_call_parser is not None:
+        body["tool_call_parser"] = tool_call_parser
     with _client(url) as client:
         model = _call(client, "POST", "/admin/models", json=body)
         if not wait:

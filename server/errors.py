@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,36 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["Allow"] = ", ".join(_allowed_methods(request))
         return JSONResponse(body, status_code=exc.status_code, headers=headers or None)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error", exc_info=exc)
-        return JSONResponse(error_body("internal error", "server_error"), status_code=500)
+    app.add_middleware(UnexpectedErrors)
+
+
+class UnexpectedErrors:
+    """Any other exception is an OpenAI-shaped 500 on a connection that stays open. An exception handler for
+    Exception runs in Starlette's ServerErrorMiddleware, which sends its response and then re-raises, and
+    uvicorn closes the connection of an app that raised: the client's next request on that keep-alive
+    connection failed too (issue 15). This middleware sits just inside ServerErrorMiddleware: every route,
+    exception handler and other middleware runs within it.
+    An exception after the response started (a stream) is re-raised: the answer is already cut."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if started:
+                raise
+            logger.exception("unhandled error", exc_info=exc)
+            response = JSONResponse(error_body("internal error", "server_error"), status_code=500)
+            await response(scope, receive, send)

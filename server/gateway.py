@@ -29,7 +29,7 @@ from server.drain import Drain
 from server.engines.client import EngineClient
 from server.engines.streaming import StreamTiming, relay
 from server.engines.supervisor import EngineSupervisor
-from server.errors import EnginesAtCapacity, EngineUnavailable, NoVariantWithinBudget
+from server.errors import EnginesAtCapacity, EngineUnavailable, InvalidRequest, NoVariantWithinBudget
 from server.metrics import GatewayMetrics
 from server.observations import Call, Observations, Observed
 from server.registry.service import ModelService
@@ -235,6 +235,10 @@ class Gateway:
         started = time.perf_counter()
         model, pinned = self.catalog.resolve(request.model)
         labels.model = model.name
+        # vLLM's condition (vllm/renderers/online_renderer.py): tools with any tool_choice but "none" need a
+        # parser; its 400 names engine flags a gateway user cannot set, so the gateway says why in its words.
+        if model.tools_refused and request.upstream.get("tools") and request.upstream.get("tool_choice") != "none":
+            raise InvalidRequest(model.tools_refused, param="tools", code="tools_unsupported")
         config = self.settings.routing_for(model.name)
         features = self.features(model.name, request, config)
         labels.tier = features.tier

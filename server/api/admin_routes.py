@@ -31,13 +31,17 @@ class AddModel(BaseModel):
     name: str = Field(min_length=1, max_length=64)
     variants: list[str] | None = Field(None, description="methods; default QUANTGATE_DEFAULT_VARIANTS")
     max_ppl_delta: float | None = Field(None, gt=0, le=100)
+    tool_call_parser: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="vLLM's parser for the model's tool calls (e.g. hermes); without it requests with tools "
+                    "are refused. The chat template must render tools.")  # fmt: skip
 
 
 @router.post("/models", status_code=202)
 async def add_model(body: AddModel, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
     """Register a checkpoint; its variants are built in the background (see GET /admin/models/{name})."""
     methods = tuple(body.variants) if body.variants is not None else settings.default_variants
-    record = await models.add(Path(body.path), body.name, methods, body.max_ppl_delta)
+    record = await models.add(Path(body.path), body.name, methods, body.max_ppl_delta, body.tool_call_parser)
     return JSONResponse(models.describe(record.name)[0], status_code=202)
 
 

@@ -45,6 +45,12 @@ class BuildFailed(Exception):
     pass
 
 
+def tool_call_args(parser: str | None) -> tuple[str, ...]:
+    """The engine arguments for a model's tool calls: vLLM answers a request with tools (tool_choice "auto",
+    the default) with a 400 unless auto tool choice is on with the parser for the model's format."""
+    return ("--enable-auto-tool-choice", "--tool-call-parser", parser) if parser else ()
+
+
 class VariantBuilder:
     def __init__(self, registry: Registry, supervisor: EngineSupervisor, home: Path,
                  engine_config: EngineFactory, remote_engines: dict[str, RemoteEngineSpec], profile: str,
@@ -114,7 +120,8 @@ class VariantBuilder:
                                           api_key=spec.auth_key())
         else:
             assert record.model_path is not None
-            engine = LocalEngine(self.engine_config(record.id, Path(record.model_path), record.engine_args))
+            args = record.engine_args + tool_call_args(self.registry.model(record.model).tool_call_parser)
+            engine = LocalEngine(self.engine_config(record.id, Path(record.model_path), args))
         await self.supervisor.add(engine)
         deadline = time.monotonic() + self.engine_ready_timeout_s
         while engine.status().state is not EngineState.READY:

@@ -58,6 +58,8 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE variants ADD COLUMN latency_json TEXT;",
     # Greedy answers to the chat set and their score (optimizers/chat_quality.py), as JSON.
     "ALTER TABLE variants ADD COLUMN chat_json TEXT;",
+    # vLLM's tool-call parser for the model's engines (`--tool-call-parser`); NULL: the model takes no tools.
+    "ALTER TABLE models ADD COLUMN tool_call_parser TEXT;",
 )
 
 

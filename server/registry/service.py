@@ -15,7 +15,7 @@ from optimizers.registry import make_config
 from server.engines.probe import KernelProbe
 from server.engines.supervisor import EngineSupervisor
 from server.registry.builder import VariantBuilder
-from server.registry.ingest import IngestError, ingest
+from server.registry.ingest import IngestError, chat_template_renders_tools, ingest, vllm_tool_parsers
 from server.registry.store import ModelRecord, Registry
 from server.settings import Settings
 
@@ -62,15 +62,18 @@ class ModelService:
         self.device = device
         self.kernels = kernels or KernelProbe(device=device, kernels={}, source="none")
 
-    async def add(self, path: Path, name: str, methods: tuple[str, ...], max_ppl_delta: float | None = None
-                  ) -> ModelRecord:
-        """Ingest `path` as model `name` with a base variant plus `methods`; building starts at once."""
+    async def add(self, path: Path, name: str, methods: tuple[str, ...], max_ppl_delta: float | None = None,
+                  tool_call_parser: str | None = None) -> ModelRecord:
+        """Ingest `path` as model `name` with a base variant plus `methods`; building starts at once.
+        `tool_call_parser`: vLLM's parser for the model's tool calls, which its engines are started with."""
         if not MODEL_NAME.match(name):
             raise IngestError(f"model name {name!r} must match {MODEL_NAME.pattern} (no '@')")
         configs = [make_config(method) for method in dict.fromkeys(methods)]
         s = self.settings
         source = await asyncio.to_thread(ingest, path, s.checkpoints_dir, s.logs_dir, s.cache_dir)
         info = ModelInfo.from_checkpoint(source.checkpoint)
+        if tool_call_parser is not None:
+            await asyncio.to_thread(self._check_tool_call_parser, tool_call_parser, source.checkpoint)
         for config in configs:
             try:
                 config.check(info, self.device)  # refuse now, not after the model is half registered
@@ -80,7 +83,7 @@ class ModelService:
                              source_sha256=source.sha256, checkpoint_path=str(source.checkpoint),
                              architecture=source.architecture,
                              max_ppl_delta=s.max_ppl_delta if max_ppl_delta is None else max_ppl_delta,
-                             created_at=time.time())  # fmt: skip
+                             created_at=time.time(), tool_call_parser=tool_call_parser)  # fmt: skip
         configs, unsupported = host_ladder(configs, self.kernels, info, self.device)
         variants = [(BASE_VARIANT, "base", 16, {})] + [(c.method, c.method, c.bits, c.model_dump()) for c in configs]
         for method, reason in unsupported.items():
@@ -89,6 +92,15 @@ class ModelService:
         logger.info("registered %s (%s) with variants %s", name, source.path, [v[0] for v in variants])
         self.builder.wake()
         return record
+
+    def _check_tool_call_parser(self, parser: str, checkpoint: Path) -> None:
+        known = vllm_tool_parsers(self.settings.cache_dir)
+        if parser not in known:
+            raise IngestError(f"tool_call_parser {parser!r} is not one of the installed vLLM's: "
+                              f"{', '.join(sorted(known))}")
+        if not chat_template_renders_tools(checkpoint):
+            raise IngestError("the checkpoint's chat template does not render tools, so the model would never "
+                              "see them: register it without tool_call_parser")
 
     async def remove(self, name: str) -> None:
         variants = self.registry.remove_model(name)

@@ -15,7 +15,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -73,6 +73,7 @@ class ModelRecord:
     architecture: str
     max_ppl_delta: float
     created_at: float
+    tool_call_parser: str | None = None  # vLLM's parser for its tool calls; None: it takes no tools
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class JobRecord:
 class RegistryWatcher(Protocol):
     """Told of every committed write to a variant (its record as now stored) and of every removed model."""
 
-    def variant_written(self, record: VariantRecord, model_created_at: float) -> None: ...
+    def variant_written(self, record: VariantRecord, model: ModelRecord) -> None: ...
 
     def model_removed(self, name: str) -> None: ...
 
@@ -160,8 +161,8 @@ class Registry:
 
     def _variant_written(self, variant_id: str) -> VariantRecord:
         record = self.variant(variant_id)
-        created = self.model(record.model).created_at
-        self._publish(lambda watcher: watcher.variant_written(record, created))
+        model = self.model(record.model)
+        self._publish(lambda watcher: watcher.variant_written(record, model))
         return record
 
     def close(self) -> None:
@@ -176,9 +177,9 @@ class Registry:
         now = time.time()
         try:
             with self._tx():
-                self._db.execute("INSERT INTO models VALUES (?, ?, ?, ?, ?, ?, ?, ?)", (
-                    record.name, record.source_kind, record.source_path, record.source_sha256,
-                    record.checkpoint_path, record.architecture, record.max_ppl_delta, record.created_at))  # fmt: skip
+                row = asdict(record)
+                self._db.execute(f"INSERT INTO models ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                                 tuple(row.values()))
                 for name, method, bits, config in variants:
                     self._db.execute(
                         "INSERT INTO variants (id, model, name, method, bits, config_json, state, reason,"

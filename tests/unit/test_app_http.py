@@ -192,3 +192,45 @@ def test_a_wrong_method_names_every_method_of_the_path(client: TestClient) -> No
 def test_a_job_id_past_sqlite_integers_is_a_400_not_a_500(client: TestClient) -> None:
     response = client.get("/admin/jobs/35833764212711196983296", headers=_auth(ADMIN_KEY))
     _assert_openai_error(response, 400)
+
+
+def test_an_unexpected_error_is_a_shaped_500_that_keeps_the_connection(tmp_path) -> None:
+    """Over a real uvicorn server: the 500 came from Starlette's ServerErrorMiddleware, which re-raises, and
+    uvicorn then closed the connection, so the client's next request on it failed as well (issue 15)."""
+    import asyncio
+    import http.client
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    app = create_app(Settings(home=tmp_path, embedded_model=False))
+
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    app.add_api_route("/boom", boom)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="critical", lifespan="on"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=10)
+        conn.request("GET", "/boom")
+        first = conn.getresponse()
+        body = first.read()
+        assert first.status == 500
+        assert first.getheader("connection") != "close"
+        assert b'"type":"server_error"' in body.replace(b" ", b"")
+        conn.request("GET", "/health")  # the same connection: http.client does not reconnect
+        second = conn.getresponse()
+        assert second.status == 200, second.read()
+        conn.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -182,7 +182,7 @@ def test_recovery_is_published_once_committed(registry: Registry) -> None:
     seen: list[tuple[str, str]] = []
 
     class Watcher:
-        def variant_written(self, record, model_created_at: float) -> None:
+        def variant_written(self, record, model) -> None:
             # told after COMMIT: a second connection already sees what the watcher is told
             seen.append((record.id, Registry(registry.path).variant(record.id).state.value))
 
@@ -195,3 +195,27 @@ def test_recovery_is_published_once_committed(registry: Registry) -> None:
     registry.recover()
     assert seen == [("m@int8", "pending")]
     assert _states(catalog)["m@int8"] == "pending"
+
+
+def test_a_models_tool_call_parser_is_kept_and_the_catalog_says_who_takes_tools(tmp_path) -> None:
+    registry = Registry(tmp_path / "registry.sqlite3")
+    registry.add_model(_model("plain"), [("bf16", "base", 16, {})])
+    tools = ModelRecord("tools", "hf", "/src", "cd" * 32, "/src", "LlamaForCausalLM", 0.3, time.time(), "hermes")
+    registry.add_model(tools, [("bf16", "base", 16, {})])
+    assert registry.model("tools").tool_call_parser == "hermes" and registry.model("plain").tool_call_parser is None
+    catalog = Catalog()
+    catalog.follow(Registry(registry.path))  # from the file, as a restarted gateway loads it
+    plain, _ = catalog.resolve("plain")
+    assert "without a tool_call_parser" in (plain.tools_refused or "") and '"none"' in plain.tools_refused
+    assert catalog.resolve("tools@bf16")[0].tools_refused is None
+
+
+def test_a_registry_file_from_before_tool_call_parsers_migrates(tmp_path) -> None:
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    for number, script in enumerate(MIGRATIONS[:-1], start=1):
+        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    conn.execute("INSERT INTO models VALUES ('old', 'hf', '/s', 'ab', '/s', 'LlamaForCausalLM', 0.3, 1.0)")
+    conn.commit()
+    conn.close()
+    assert Registry(path).model("old").tool_call_parser is None
