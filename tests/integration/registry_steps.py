@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ import pytest
 
 from server.engines.local import free_loopback_port
 from server.registry.store import Registry
+from tests.integration import drills
 from tests.integration.gateway_process import (
     ADMIN_KEY,
     API_KEY,
@@ -108,10 +110,13 @@ def crash_mid_compression(source: Path, name: str, **env: str) -> None:
         first.proc.wait()
 
     # The job and the engines die with the gateway (parent-death signal).
+    killed = time.monotonic()
     assert wait_for(lambda: not _job_alive(home), 15), "the compression job outlived the gateway"
+    job_gone_s = time.monotonic() - killed
     assert Registry(home / "registry.sqlite3").variant(f"{name}@int8").state.value == "compressing"
 
     second = start_gateway(free_loopback_port(), home=home, **env)
+    restarted = time.monotonic()
     try:
         second.wait_serving()
         assert not any((home / "artifacts").glob(".*.tmp-*")), "half-written variant left after restart"
@@ -126,6 +131,9 @@ def crash_mid_compression(source: Path, name: str, **env: str) -> None:
         completion = openai.OpenAI(base_url=f"{second.url}/v1", api_key=API_KEY, max_retries=0).chat.completions.create(
             model=f"{name}@int8", messages=FRANCE, temperature=0, max_tokens=24)
         assert completion.model == f"{name}@int8" and completion.usage.completion_tokens > 0
+        drills.record("kill -9 during compression, then restart", orphan_job_gone_within_s=round(job_gone_s, 2),
+                      half_variants_after_restart=0, jobs="interrupted, succeeded",
+                      int8_ready_after_restart_s=round(time.monotonic() - restarted, 1))  # fmt: skip
     finally:
         second.stop(signal.SIGTERM)
 

@@ -10,6 +10,7 @@ import time
 import httpx
 
 from tests.fakes.fleet import fake_fleet
+from tests.integration.drills import record
 from tests.integration.gateway_process import API_KEY, GatewayProcess
 
 FAKES = {"drain@bf16": {"tpot_ms": 20, "ttft_ms": 20, "max_running": 32,
@@ -67,6 +68,9 @@ def test_sigterm_lets_streams_in_flight_finish_and_refuses_new_work() -> None:
         assert len([line for line in lines if '"text"' in line]) >= 100
     assert code in (0, -signal.SIGTERM)
     assert exited_s < 15, f"exited {exited_s:.1f} s after SIGTERM, with nothing left in flight after ~2 s"
+    record("SIGTERM with streams in flight", streams=STREAMS, completed_with_done=sum(
+        lines[-1] == "data: [DONE]" and not any("error" in line for line in lines) for lines in out),
+        gateway_exited_after_s=round(exited_s, 2), grace_s=60)  # fmt: skip
 
 
 def test_streams_past_the_grace_end_with_an_error_chunk_and_done() -> None:
@@ -79,3 +83,6 @@ def test_streams_past_the_grace_end_with_an_error_chunk_and_done() -> None:
         assert "shutting down" in lines[-2], lines[-3:]
         assert len(lines) < 500
     assert code in (0, -signal.SIGTERM)
+    record("SIGTERM, streams longer than the grace", streams=STREAMS, grace_s=1,
+           ended_with_error_chunk_and_done=sum("shutting down" in lines[-2] and lines[-1] == "data: [DONE]"
+                                               for lines in out))  # fmt: skip

