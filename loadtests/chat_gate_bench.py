@@ -32,6 +32,7 @@ from optimizers.chat_quality import PROMPTS, ChatGate, ChatScore, agreement, cha
 from optimizers.data import PROFILES, tokenized_split
 from optimizers.evaluate import perplexity
 from optimizers.host import cpu_flags, cpu_model
+from optimizers.job import calibration_dtype_name
 from optimizers.registry import make_config
 from server.jobs.compress import CompressionJob, run_compression
 from server.models.embedded import ensure_checkpoint, find_bundled_gguf, sha256_file
@@ -157,7 +158,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 "correct": chat.correct, "loops": chat.loops, "prompts": chat.prompts, "chat_s": round(chat_s, 1),
                 "decode_tok_s": [round(v, 2) for v in speeds],
                 "agreement": None if is_base else agreement(chat, base_chat), "seconds_to_make": made[recipe],
-                "calibration_dtype": os.environ.get("QUANTGATE_CALIBRATION_DTYPE", "auto"),
+                # what the job computed in: forced, or this CPU's default ("auto": the checkpoint's dtype)
+                "calibration_dtype": calibration_dtype_name(),
                 "verdict": "base" if is_base else (judge(chat, base_chat, gate) or "pass"),
                 "answers": list(chat.answers),
             })  # fmt: skip

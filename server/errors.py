@@ -72,6 +72,15 @@ class ModelNotFound(GatewayError):
     default_code = "model_not_found"
 
 
+class VariantNotServed(GatewayError):
+    """A pinned variant that is never served here: rejected by its gate, failed, or unsupported on this host.
+    A 404, not a 503: retrying cannot help until it is registered again (issue 29)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    default_code = "variant_not_served"
+
+
 class EngineUnavailable(GatewayError):
     status_code = 503
     error_type = "service_unavailable_error"

@@ -29,7 +29,13 @@ from server.drain import Drain
 from server.engines.client import EngineClient
 from server.engines.streaming import StreamTiming, relay
 from server.engines.supervisor import EngineSupervisor
-from server.errors import EnginesAtCapacity, EngineUnavailable, InvalidRequest, NoVariantWithinBudget
+from server.errors import (
+    EnginesAtCapacity,
+    EngineUnavailable,
+    InvalidRequest,
+    NoVariantWithinBudget,
+    VariantNotServed,
+)
 from server.metrics import GatewayMetrics
 from server.observations import Call, Observations, Observed
 from server.registry.service import ModelService
@@ -197,8 +203,8 @@ class Gateway:
             chosen = next(c for c in candidates if c.variant.id == pinned.id)
             if not (chosen.serving and pinned.servable):
                 if pinned.withdrawn:
-                    raise EngineUnavailable(f"variant '{pinned.id}' is {pinned.state.value} and not served; "
-                                            "see GET /admin/models for the reason")  # fmt: skip
+                    raise VariantNotServed(f"variant '{pinned.id}' is {pinned.state.value} and not served: "
+                                           f"{pinned.reason or 'see GET /admin/models'}", param="model")  # fmt: skip
                 raise EngineUnavailable(f"variant '{pinned.id}' is not being served yet "
                                         f"(state {pinned.state.value})",
                                         headers={"Retry-After": "5"})

@@ -56,7 +56,8 @@ class ErrorResponse(BaseModel):
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     said = {400: "invalid request (body, limits, budget headers)", 401: "missing or invalid API key",
-            404: "no such model or variant", 413: "body too large", 415: "body not sent as application/json",
+            404: "no such model or variant, or a pinned variant never served here (rejected, failed, unsupported)",
+            413: "body too large", 415: "body not sent as application/json",
             429: "over capacity or no variant within the budget (Retry-After)", 499: "client closed the request",
             502: "the engine answered with an error", 503: "no engine available (Retry-After)"}  # fmt: skip
     return {code: {"model": ErrorResponse, "description": said[code]} for code in codes}
