@@ -46,8 +46,8 @@ class BuildFailed(Exception):
 
 
 def tool_call_args(parser: str | None) -> tuple[str, ...]:
-    """The engine arguments for a model's tool calls: vLLM answers a request with tools (tool_choice "auto",
-    the default) with a 400 unless auto tool choice is on with the parser for the model's format."""
+    """The engine arguments for a model's tool calls: vLLM 0.32 answers a request with tools (any tool_choice
+    but "none") with a 400 unless it has the parser for the model's format, and auto tool choice is on."""
     return ("--enable-auto-tool-choice", "--tool-call-parser", parser) if parser else ()
 
 
