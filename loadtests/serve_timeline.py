@@ -30,7 +30,7 @@ from loadtests.avx2_emulation import emulation_env
 
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = {"ready", "rejected", "failed", "unsupported"}
-STATES = ("pending", "compressing", "evaluating", "ready", "rejected", "failed", "unsupported")
+STATES = ("pending", "converting", "compressing", "evaluating", "ready", "rejected", "failed", "unsupported")
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 

@@ -15,7 +15,7 @@ from server.engines.hardware import Hardware, engine_dtype
 from server.engines.local import LocalEngineConfig, last_flag
 from server.engines.remote import RemoteEngine
 from server.engines.supervisor import EngineSupervisor
-from server.models.embedded import find_bundled_gguf
+from server.models.embedded import find_bundled_gguf, remove_conversion_leftovers
 from server.registry.builder import VariantBuilder
 from server.registry.service import BASE_VARIANT, ModelService
 from server.registry.store import Registry, VariantRecord, VariantState
@@ -59,6 +59,8 @@ class Bootstrap:
         for leftover in (self.settings.home / "artifacts").glob(".*.tmp-*"):
             logger.warning("removing %s, left by a job that was killed", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in remove_conversion_leftovers(self.settings.checkpoints_dir):
+            logger.warning("removed %s, left by a GGUF conversion that was killed", leftover)
         remotes = await self._attach_unregistered_remotes()
         if self.settings.embedded_model and not self.registry.models():
             await self.service.add(find_bundled_gguf(), self.settings.embedded_model_name,

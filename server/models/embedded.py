@@ -3,18 +3,22 @@ converted once into a bf16 safetensors checkpoint cached under QUANTGATE_HOME by
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
-from server.process import child_environment
+from server.process import child_environment, die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +55,25 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def gguf_checkpoint_dir(checkpoints_dir: Path, gguf_sha256: str) -> Path:
+    """Where the checkpoint converted from the GGUF file with this digest lives (or will)."""
+    return checkpoints_dir / f"gguf-{gguf_sha256[:24]}"
+
+
+def remove_conversion_leftovers(checkpoints_dir: Path) -> list[Path]:
+    """Remove the temp dirs of conversions killed mid-way (`.gguf-<digest>.<random>`); returns them."""
+    leftovers = [p for p in checkpoints_dir.glob(".gguf-*.*") if p.is_dir()]
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return leftovers
+
+
 def ensure_checkpoint(gguf: Path, checkpoints_dir: Path, log_dir: Path, python: str = sys.executable) -> Path:
     """Return the converted checkpoint for `gguf`, converting it first if no cached copy exists.
 
     Safe against concurrent starts (a file lock) and crashes (built in a temp dir, then renamed).
     """
-    digest = sha256_file(gguf)
-    target = checkpoints_dir / f"gguf-{digest[:24]}"
+    target = gguf_checkpoint_dir(checkpoints_dir, sha256_file(gguf))
     if (target / "config.json").is_file():
         return target
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -78,5 +94,48 @@ def ensure_checkpoint(gguf: Path, checkpoints_dir: Path, log_dir: Path, python: 
         if result.returncode != 0:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ConversionFailed(f"converting {gguf} failed (exit {result.returncode}); see {log_path}")
+        os.replace(tmp, target)
+    return target
+
+
+async def convert_gguf(gguf: Path, target: Path, log_path: Path, python: str = sys.executable,
+                       on_start: Callable[[int], None] = lambda pid: None) -> Path:
+    """ensure_checkpoint for the event loop, and cancellable: the builder converts a registered GGUF in
+    its base variant's job, and a DELETE of the model cancels it (the converter's process group is
+    killed and its temp dir removed). `target`: gguf_checkpoint_dir of the file's digest."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        while True:  # another gateway on this home converting the same file: wait for it, without blocking
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.5)
+        if (target / "config.json").is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        logger.info("converting %s into %s (once; log %s)", gguf.name, target, log_path)
+        with open(log_path, "ab") as log:
+            proc = await asyncio.create_subprocess_exec(
+                python, "-m", "server.models.convert_gguf", str(gguf), str(tmp), stdout=log, stderr=log,
+                stdin=asyncio.subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGKILL),
+                env=child_environment({"HF_HUB_OFFLINE": "1"}),
+            )  # fmt: skip
+        on_start(proc.pid)
+        try:
+            returncode = await proc.wait()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.shield(proc.wait())
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ConversionFailed(f"converting {gguf.name} failed (exit {returncode}); see {log_path}")
         os.replace(tmp, target)
     return target

@@ -2,11 +2,11 @@
 evaluation are CPU- or GPU-bound; running them side by side only slows both).
 
 For each variant: compress in the compression environment (skipped for the base and for
-variants served remotely), start its engine, evaluate it *as served* (perplexity through
-prompt_logprobs on the model's fixed evaluation windows; greedy answers to the chat set of
-optimizers/chat_quality.py), then apply the model's quality gate: perplexity within the model's
-floor and chat answers within the gate's margins of the base's own: ready (served) or rejected
-(kept, engine stopped).
+variants served remotely; the base of a GGUF source is converted instead, once), start its
+engine, evaluate it *as served* (perplexity through prompt_logprobs on the model's fixed
+evaluation windows; greedy answers to the chat set of optimizers/chat_quality.py), then
+apply the model's quality gate: perplexity within the model's floor and chat answers within
+the gate's margins of the base's own: ready (served) or rejected (kept, engine stopped).
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ from server.engines.local import LocalEngine, LocalEngineConfig
 from server.engines.remote import RemoteEngine
 from server.engines.supervisor import EngineSupervisor
 from server.jobs.compress import CompressionFailed, CompressionJob, run_compression
+from server.models.embedded import ConversionFailed, convert_gguf
 from server.registry.artifacts import artifact_dir, artifact_key
+from server.registry.ingest import IngestError, inspect_hf_dir
 from server.registry.store import ModelRecord, Registry, RegistryError, VariantRecord, VariantState
 from server.routing.predictor import LatencyBook, LatencyPriors
 from server.settings import RemoteEngineSpec
@@ -134,6 +136,16 @@ class VariantBuilder:
 
     async def build(self, record: VariantRecord) -> None:
         model = self.registry.model(record.model)
+        converted = (Path(model.checkpoint_path) / "config.json").is_file()
+        if record.method == "base" and not converted and record.id not in self.remote_engines:
+            if model.source_kind != "gguf" or not await self._convert(model, record):
+                if model.source_kind != "gguf":
+                    self._fail(record.id, f"its checkpoint {model.checkpoint_path} is gone")
+                return
+        elif record.method != "base" and not converted and record.id not in self.remote_engines:
+            self._fail(record.id, "the model's checkpoint was never written: its base variant's conversion "
+                                  "failed (see the base's reason)")
+            return
         if record.method == "base" or record.id in self.remote_engines:
             path = model.checkpoint_path if record.method == "base" else None
             size = checkpoint_bytes(Path(path)) if path else None
@@ -149,6 +161,27 @@ class VariantBuilder:
             self._fail(record.id, str(exc))
             return
         await self._evaluate(model, record, engine)
+
+    async def _convert(self, model: ModelRecord, record: VariantRecord) -> bool:
+        """Write a GGUF source's checkpoint (the base variant's job: registration only read the file's
+        header, so a POST /admin/models answers at once). False, with the base failed, if it cannot be."""
+        log_path = self.home / "logs" / f"convert-{record.id}.log"
+        job_id = self.registry.start_job(record.id, "converting")
+        self.registry.transition(record.id, VariantState.CONVERTING, log_path=str(log_path), reason=None)
+        checkpoint = Path(model.checkpoint_path)
+        try:
+            await convert_gguf(Path(model.source_path), checkpoint, log_path,
+                               on_start=lambda pid: self.registry.update_job(job_id, pid=pid))
+            architecture = await asyncio.to_thread(inspect_hf_dir, checkpoint)
+        except (ConversionFailed, IngestError, OSError) as exc:
+            self.registry.update_job(job_id, state="failed", error=str(exc))
+            self._fail(record.id, f"converting the GGUF failed: {exc}")
+            return False
+        if architecture != model.architecture:
+            logger.warning("%s: the GGUF's metadata said %s, its conversion is a %s", model.name,
+                           model.architecture, architecture)
+        self.registry.update_job(job_id, state="succeeded", stage="done")
+        return True
 
     async def _compress(self, model: ModelRecord, record: VariantRecord) -> VariantRecord:
         config = make_config(record.method, record.config)

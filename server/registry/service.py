@@ -64,16 +64,17 @@ class ModelService:
 
     async def add(self, path: Path, name: str, methods: tuple[str, ...], max_ppl_delta: float | None = None,
                   tool_call_parser: str | None = None) -> ModelRecord:
-        """Ingest `path` as model `name` with a base variant plus `methods`; building starts at once.
+        """Ingest `path` as model `name` with a base variant plus `methods`; building starts at once (a GGUF
+        source is converted then, as its base variant's job: state `converting`).
         `tool_call_parser`: vLLM's parser for the model's tool calls, which its engines are started with."""
         if not MODEL_NAME.match(name):
             raise IngestError(f"model name {name!r} must match {MODEL_NAME.pattern} (no '@')")
         configs = [make_config(method) for method in dict.fromkeys(methods)]
         s = self.settings
-        source = await asyncio.to_thread(ingest, path, s.checkpoints_dir, s.logs_dir, s.cache_dir)
-        info = ModelInfo.from_checkpoint(source.checkpoint)
+        source = await asyncio.to_thread(ingest, path, s.checkpoints_dir, s.cache_dir)
+        info = source.info
         if tool_call_parser is not None:
-            await asyncio.to_thread(self._check_tool_call_parser, tool_call_parser, source.checkpoint)
+            await asyncio.to_thread(self._check_tool_call_parser, tool_call_parser, source.chat_template)
         for config in configs:
             try:
                 config.check(info, self.device)  # refuse now, not after the model is half registered
@@ -93,12 +94,12 @@ class ModelService:
         self.builder.wake()
         return record
 
-    def _check_tool_call_parser(self, parser: str, checkpoint: Path) -> None:
+    def _check_tool_call_parser(self, parser: str, chat_template: object) -> None:
         known = vllm_tool_parsers(self.settings.cache_dir)
         if parser not in known:
             raise IngestError(f"tool_call_parser {parser!r} is not one of the installed vLLM's: "
                               f"{', '.join(sorted(known))}")
-        if not chat_template_renders_tools(checkpoint):
+        if not chat_template_renders_tools(chat_template):
             raise IngestError("the checkpoint's chat template does not render tools, so the model would never "
                               "see them: register it without tool_call_parser")
 

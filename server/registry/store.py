@@ -26,6 +26,7 @@ MAX_ATTEMPTS = 3
 
 class VariantState(enum.StrEnum):
     PENDING = "pending"
+    CONVERTING = "converting"  # a GGUF source's base: its checkpoint being written (models/embedded.py)
     COMPRESSING = "compressing"
     EVALUATING = "evaluating"
     READY = "ready"
@@ -36,7 +37,8 @@ class VariantState(enum.StrEnum):
 
 S = VariantState
 TRANSITIONS: dict[VariantState, frozenset[VariantState]] = {
-    S.PENDING: frozenset({S.COMPRESSING, S.EVALUATING, S.FAILED}),
+    S.PENDING: frozenset({S.CONVERTING, S.COMPRESSING, S.EVALUATING, S.FAILED}),
+    S.CONVERTING: frozenset({S.EVALUATING, S.FAILED, S.PENDING}),
     S.COMPRESSING: frozenset({S.EVALUATING, S.FAILED, S.PENDING}),
     S.EVALUATING: frozenset({S.READY, S.REJECTED, S.FAILED, S.PENDING}),
     S.READY: frozenset({S.PENDING}),
@@ -44,7 +46,7 @@ TRANSITIONS: dict[VariantState, frozenset[VariantState]] = {
     S.FAILED: frozenset({S.PENDING}),
     S.UNSUPPORTED: frozenset({S.PENDING}),
 }
-INTERRUPTIBLE = (S.COMPRESSING, S.EVALUATING)
+INTERRUPTIBLE = (S.CONVERTING, S.COMPRESSING, S.EVALUATING)
 
 
 class RegistryError(Exception):

@@ -7,7 +7,34 @@ from pathlib import Path
 
 import pytest
 
-from server.registry.ingest import IngestError, checkpoint_sha256, inspect_hf_dir
+from server.models.embedded import find_bundled_gguf
+from server.registry.ingest import IngestError, checkpoint_sha256, inspect_hf_dir, read_gguf
+
+
+def _gguf_bytes(arch: str = "llama", sizes: dict[str, int] | None = None, output_tensor: bool = False,
+                chat_template: str | None = None) -> bytes:
+    """A real (tiny) GGUF file, written by gguf's own writer: metadata and one or two tensors."""
+    import tempfile
+
+    import gguf
+    import numpy as np
+
+    sizes = {"embedding_length": 8, "feed_forward_length": 16, "block_count": 2} if sizes is None else sizes
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.gguf"
+        writer = gguf.GGUFWriter(path, arch)
+        for key, value in sizes.items():
+            writer.add_uint32(f"{arch}.{key}", value)
+        if chat_template is not None:
+            writer.add_chat_template(chat_template)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+        if output_tensor:
+            writer.add_tensor("output.weight", np.zeros((4, 8), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path.read_bytes()
 
 
 def _checkpoint(path: Path, config: dict | None = None, files: dict[str, bytes] | None = None) -> Path:
@@ -73,7 +100,12 @@ BAD_SOURCES = {  # name -> (files under the directory, the path posted relative 
                                    "tokenizer_config.json": b'"x"', "model.safetensors": b"w"}, "",
                                   "must be a JSON object"),
     "not a GGUF file": ({"m.gguf": b"hello, not gguf"}, "m.gguf", "not a GGUF file"),
-    "a GGUF header only": ({"m.gguf": b"GGUF" + b"\0" * 12}, "m.gguf", "converting"),
+    "a GGUF header only": ({"m.gguf": b"GGUF" + b"\0" * 12}, "m.gguf", "not a readable GGUF file"),
+    "a GGUF cut short": ({"m.gguf": _gguf_bytes()[:60]}, "m.gguf", "not a readable GGUF file"),
+    "a GGUF of an architecture not converted": ({"m.gguf": _gguf_bytes("clip")}, "m.gguf",
+                                                "GGUF architecture 'clip' is not one quantgate converts"),
+    "a GGUF without its layer count": ({"m.gguf": _gguf_bytes(sizes={"embedding_length": 8})}, "m.gguf",
+                                       "llama.block_count is missing"),
     "a component too long": ({}, "x" * 300, "cannot be used"),
     "a path too long": ({}, "/".join(["y" * 200] * 30), "cannot be used"),
     "a NUL byte": ({}, "a\0b", "NUL byte"),
@@ -101,3 +133,16 @@ def test_bad_sources_are_a_400_naming_the_problem_never_a_500(tmp_path, case: st
         message = response.json()["error"]["message"]
         assert fragment in message and "not json" not in message and "hello" not in message, message
         assert client.get("/admin/models", headers={"Authorization": "Bearer " + "a" * 24}).json()["models"] == []
+
+
+def test_gguf_metadata_gives_the_model_without_converting_it(tmp_path) -> None:
+    # Registration reads this in the request; the conversion runs later as the base variant's job.
+    header = read_gguf(find_bundled_gguf())
+    info = header.info
+    assert (info.architecture, info.hidden_size, info.intermediate_size, info.num_layers,
+            info.tie_word_embeddings) == ("LlamaForCausalLM", 576, 1536, 30, True)
+    assert "<|im_start|>" in header.chat_template and "tools" not in header.chat_template
+    (tmp_path / "untied.gguf").write_bytes(_gguf_bytes(output_tensor=True, chat_template="{{ tools }}"))
+    untied = read_gguf(tmp_path / "untied.gguf")
+    assert (untied.info.hidden_size, untied.info.num_layers, untied.info.tie_word_embeddings) == (8, 2, False)
+    assert untied.chat_template == "{{ tools }}"

@@ -105,6 +105,20 @@ def test_recover_puts_interrupted_work_back_to_pending_then_fails_it(registry: R
     assert f"interrupted {MAX_ATTEMPTS} times" in touched.reason
 
 
+def test_a_conversion_is_a_base_state_the_recovery_retries(registry: Registry) -> None:
+    # A GGUF source's base is `converting` while the builder writes its checkpoint (issue 15: registration
+    # answers before converting); a crash there puts it back to pending, and the builder converts again.
+    registry.start_job("m@bf16", "converting")
+    registry.transition("m@bf16", S.CONVERTING)
+    (touched,) = registry.recover()
+    assert (touched.id, touched.state) == ("m@bf16", S.PENDING)
+    assert touched.reason == "interrupted while converting; retrying"
+    registry.transition("m@bf16", S.CONVERTING)
+    assert registry.transition("m@bf16", S.EVALUATING).state is S.EVALUATING
+    with pytest.raises(IllegalTransition):
+        registry.transition("m@bf16", S.CONVERTING)  # converted once; evaluating never goes back to it
+
+
 def test_recover_leaves_finished_states_alone(registry: Registry) -> None:
     registry.transition("m@bf16", S.EVALUATING)
     registry.transition("m@bf16", S.READY, ppl=11.3)
