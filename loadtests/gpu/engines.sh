@@ -13,6 +13,12 @@ M=$PWD/.gpu/payload/models
 mkdir -p "$LOG"
 # A missing template path makes every engine exit at start (vLLM reads a path-like string that does not exist as an
 # error), and waiting 300 s for each of four dead engines outlasts a device call: check it first.
+# A carry built from a tokenizer folder without chat_template.jinja (transformers before 4.43 kept the template in
+# tokenizer_config.json) still has it there: write the file from it.
+if [ ! -f "$M/llama8b/chat_template.jinja" ] && [ -f "$M/llama8b/tokenizer_config.json" ]; then
+  python3 -c 'import json, sys; t = json.load(open(sys.argv[1])).get("chat_template"); t and open(sys.argv[2], "w").write(t)' \
+    "$M/llama8b/tokenizer_config.json" "$M/llama8b/chat_template.jinja"
+fi
 [ -f "$M/llama8b/chat_template.jinja" ] || { echo "no $M/llama8b/chat_template.jinja (copy the tokenizer folder's)" | tee -a "$LOG/engines.txt"; exit 1; }
 declare -A PIDS
 # The tokenizer is SmolLM2's (vocab 49152, as the configs say), chat template included.

@@ -21,7 +21,11 @@ mkdir -p "$OUT" "$W"
   } > "$OUT/progress.txt" 2>&1; done ) &
 PROGRESS=$!
 if [ "$STAGE" = start ] || [ "$STAGE" = all ]; then
-  PARALLEL=1 bash loadtests/gpu/engines.sh "$W"
+  # No engines, no bench: waiting on the gateway's profiling of engines that never started spent a whole call
+  # (545 s of device time, 2026-12-06).
+  if ! PARALLEL=1 bash loadtests/gpu/engines.sh "$W"; then
+    cp "$W/engines.txt" "$OUT/" 2>/dev/null; echo "engines.sh failed: see engines.txt" >&2; kill "$PROGRESS"; exit 2
+  fi
   cp "$W/engines.txt" "$OUT/" 2>/dev/null
   START_ONLY=1 bash loadtests/gpu/bench.sh "$OUT"
   curl -fs 127.0.0.1:8000/admin/routing/llama-3.1-8b > "$OUT/routing-start.json"
