@@ -1,13 +1,15 @@
 """The chat gate side by side: each recipe, served in each engine dtype, judged against its base.
 
     python -m loadtests.chat_gate_bench [--profile fast] [--dtypes float32 bfloat16]
-        [--recipes int8 'int8:{"smoothing_strength": 0.5}' int4-gptq awq]
+        [--recipes int8 'int8:{"smoothing_strength": 0.5}' int4-gptq awq] [--broken 3:3 10:0]
 
 Compresses each recipe (the registry's content-addressed store under --home: made once, reused),
 serves the base and every variant in each engine dtype with its own vLLM engine, and measures
 perplexity (prompt_logprobs on the profile's evaluation windows) and the chat set of
 optimizers/chat_quality.py: facts right, looping answers, agreement with the base in the same dtype,
-and the gate's verdict. Prints a table and writes chat-gate-<profile>.json/.md after every row.
+next-token KL and top-1 agreement with that base on the chat windows (optimizers/next_token.py), and
+the gate's verdict. `--broken LAYER:SCALE` adds the base with one layer's MLP output scaled
+(loadtests/broken.py): rungs the gate must refuse. Prints a table and writes chat-gate-<profile>.json/.md after every row.
 A benchmark: it asserts nothing.
 """
 
@@ -27,7 +29,9 @@ from pathlib import Path
 import httpx
 
 from loadtests.avx2_emulation import emulated, emulation_env
+from loadtests.broken import break_checkpoint
 from loadtests.local import local_engine
+from optimizers import next_token
 from optimizers.chat_quality import PROMPTS, ChatGate, ChatScore, agreement, chat_answers, judge
 from optimizers.data import PROFILES, tokenized_split
 from optimizers.evaluate import perplexity
@@ -49,15 +53,20 @@ def parse_recipe(text: str) -> tuple[str, dict]:
 
 
 async def serve_and_measure(settings: Settings, variant_id: str, model_dir: Path, engine_args: tuple[str, ...],
-                            windows: list[list[int]]) -> tuple[float, ChatScore, str, float]:
+                            windows: list[list[int]], reference: next_token.Reference | None) -> tuple:  # fmt: skip
+    """The rung's perplexity, chat answers, served dtype, chat seconds, decode speeds, and its next-token
+    agreement with `reference` (None: this is the base, and its own reference is returned instead)."""
     async with (local_engine(settings, variant_id, model_dir, engine_args) as (engine, config),
                 httpx.AsyncClient(timeout=3600, trust_env=False, headers=engine.auth_headers) as http):
         ppl = await perplexity(http, engine.base_url, variant_id, windows)
         started = time.monotonic()
         chat = await chat_answers(http, engine.base_url, variant_id)
         chat_s = time.monotonic() - started
+        if reference is None:
+            reference = await next_token.reference(http, engine.base_url, variant_id, chat.answers)
+        measured = await next_token.agreement(http, engine.base_url, variant_id, reference)
         speeds = await decode_speed(http, engine.base_url, variant_id)
-    return ppl.ppl, chat, config.dtype, chat_s, speeds
+    return ppl.ppl, chat, config.dtype, chat_s, speeds, reference, measured
 
 
 async def decode_speed(http: httpx.AsyncClient, url: str, variant_id: str, runs: int = SPEED_RUNS,
@@ -94,8 +103,8 @@ def render(result: dict) -> str:
         f"`{result['command']}`", "",
         f"tok/s: batch-1 decode, mean and 95% CI of {SPEED_RUNS} greedy {SPEED_TOKENS}-token completions.", "",
         "| recipe | calibration dtype | s to make | engine dtype | ppl | delta | facts right | loops | agreement "
-        "| tok/s @1 | France answer | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| next-token KL | top-1 agreement | tok/s @1 | France answer | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in result["rows"]:
         delta = "-" if r["ppl_delta"] is None else f"{100 * r['ppl_delta']:+.1f}%"
@@ -104,7 +113,8 @@ def render(result: dict) -> str:
         speed = "-" if not r.get("decode_tok_s") else "{:.1f} ± {:.1f}".format(*mean_ci(r["decode_tok_s"]))
         lines.append(f"| {r['recipe']} | {r.get('calibration_dtype', 'auto')} | {made} | {r['dtype']} | {r['ppl']:.3f} | "
                      f"{delta} | {r['correct']}/{r['prompts']} | "
-                     f"{r['loops']} | {agree} | {speed} | {r['answers'][0][:48]!r} | {r['verdict']} |")
+                     f"{r['loops']} | {agree} | {r['kld']:.4f} | {r['top1']:.3f} | {speed} | "
+                     f"{r['answers'][0][:48]!r} | {r['verdict']} |")
     lines += ["", "Answers per prompt are in the JSON file beside this one."]
     return "\n".join(lines) + "\n"
 
@@ -143,24 +153,34 @@ async def main_async(args: argparse.Namespace) -> None:
                 settings.logs_dir / f"compress-{method}.log", timeout_s=args.timeout_s)  # fmt: skip
         built[recipe] = (Path(manifest["model_path"]) if manifest["on_load"] else out, tuple(manifest["engine_args"]))
         made[recipe] = manifest.get("seconds_to_make")
+    for spec in args.broken:
+        layer, scale = spec.split(":")
+        broken = break_checkpoint(base, settings.home / "broken" / f"layer{layer}-x{scale}", int(layer), float(scale))
+        built[f"broken:{spec}"] = (broken, ())
+        made[f"broken:{spec}"] = None
     for dtype in args.dtypes:
         dsettings = Settings(home=args.home, engine_dtype=dtype)
-        base_ppl = base_chat = None
+        base_ppl = base_chat = reference = None
         for recipe, (model_dir, engine_args) in built.items():
             variant_id = f"smollm2-135m@{recipe.split(':')[0]}"
-            ppl, chat, served, chat_s, speeds = await serve_and_measure(dsettings, variant_id, model_dir, engine_args,
-                                                                        windows)
+            ppl, chat, served, chat_s, speeds, reference, measured = await serve_and_measure(
+                dsettings, variant_id, model_dir, engine_args, windows, reference)  # fmt: skip
             if base_chat is None:
                 base_ppl, base_chat = ppl, chat
             is_base = recipe == "base"
+            delta = None if is_base else ppl / base_ppl - 1
+            floor = settings.max_ppl_delta  # the registry's order: the ppl floor, the answers, the next tokens
+            verdict = "base" if is_base else (
+                f"ppl delta {delta:+.1%} exceeds the floor of {floor:+.1%}" if delta > floor
+                else judge(chat, base_chat, gate) or next_token.judge_agreement(measured, gate) or "pass")
             result["rows"].append({
-                "recipe": recipe, "dtype": served, "ppl": ppl, "ppl_delta": None if is_base else ppl / base_ppl - 1,
+                "recipe": recipe, "dtype": served, "ppl": ppl, "ppl_delta": delta,
                 "correct": chat.correct, "loops": chat.loops, "prompts": chat.prompts, "chat_s": round(chat_s, 1),
                 "decode_tok_s": [round(v, 2) for v in speeds],
                 "agreement": None if is_base else agreement(chat, base_chat), "seconds_to_make": made[recipe],
                 # what the job computed in: forced, or this CPU's default ("auto": the checkpoint's dtype)
                 "calibration_dtype": calibration_dtype_name(),
-                "verdict": "base" if is_base else (judge(chat, base_chat, gate) or "pass"),
+                "kld": measured.kld, "top1": measured.top1, "positions": measured.positions, "verdict": verdict,
                 "answers": list(chat.answers),
             })  # fmt: skip
             save()
@@ -172,6 +192,8 @@ def main() -> None:
     parser.add_argument("--profile", default="fast", choices=sorted(PROFILES))
     parser.add_argument("--recipes", nargs="+", default=["int8", 'int8:{"smoothing_strength": 0.5}', "int4-gptq", "awq"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--broken", nargs="*", default=[], metavar="LAYER:SCALE",
+                        help="also the base with that layer's MLP output scaled (loadtests/broken.py)")
     parser.add_argument("--home", type=Path, default=REPO / ".cache" / "test-home")
     parser.add_argument("--timeout-s", type=float, default=3600)
     parser.add_argument("--report", help="report file name without extension (default chat-gate-<profile>)")

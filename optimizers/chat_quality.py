@@ -64,6 +64,12 @@ class ChatGate(BaseModel):
     max_correct_drop: float = Field(0.125, ge=0, le=1, description="share of the set: 0.125 = 3 of 24 prompts")
     max_extra_loops: int = Field(2, ge=0, description="looping answers beyond the base's")
     min_agreement: float = Field(0.2, ge=0, le=1, description="mean share of the base's answer reproduced")
+    # Next-token measures on the chat windows (optimizers/next_token.py); defaults from
+    # loadtests/results/2026-12-06/next-token-gate.md: the bundled model's served rungs pass, a broken one fails.
+    # (int8 0.026 / 0.92; one layer's MLP removed or tripled 0.21-0.24 / 0.78-0.80, which the ppl floor and
+    # the answers above let through).
+    max_kld: float = Field(0.15, ge=0, description="mean next-token KL from the base, nats")
+    min_top1: float = Field(0.85, ge=0, le=1, description="share of positions whose top token is the base's")
 
 
 @dataclass(frozen=True)

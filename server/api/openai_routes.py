@@ -153,7 +153,8 @@ def _model_entries(gateway: Gateway, catalog: Catalog) -> list[dict]:
             data.append({
                 "id": v.id, "object": "model", "created": model.created, "owned_by": "quantgate",
                 "parent": model.name, "method": v.method, "bits": v.bits, "size_bytes": v.size_bytes,
-                "ppl": v.ppl, "ppl_delta": v.ppl_delta, "state": v.state, "ready": v.servable and v.id in serving,
+                "ppl": v.ppl, "ppl_delta": v.ppl_delta, "kld": v.kld, "top1_agreement": v.top1_agreement,
+                "state": v.state, "ready": v.servable and v.id in serving,
                 **({"reason": v.reason} if v.reason and not v.servable else {}),
             })  # fmt: skip
     return data

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import httpx
 
+from optimizers import next_token
 from optimizers.chat_quality import ChatGate, ChatScore, chat_answers, judge
 from optimizers.data import PROFILES, evaluation_windows
 from optimizers.evaluate import perplexity
@@ -211,21 +213,40 @@ class VariantBuilder:
 
     async def _evaluate(self, model: ModelRecord, record: VariantRecord, engine: Engine) -> None:
         windows = await self._eval_windows(model)
+        base = next((v for v in self.registry.variants(model.name) if v.method == "base"), None)
+        is_base = record.method == "base"
+        reference = None if is_base else await self._reference(model, base)
         async with httpx.AsyncClient(timeout=3600, trust_env=False, headers=engine.auth_headers) as http:
             ppl = await perplexity(http, engine.base_url, record.id, windows)
             chat = await chat_answers(http, engine.base_url, record.id)
-        base = next((v for v in self.registry.variants(model.name) if v.method == "base"), None)
-        delta = 0.0 if record.method == "base" else (ppl.ppl / base.ppl - 1 if base and base.ppl else None)
+            agreement: next_token.Agreement | None = None
+            try:
+                if is_base:  # the reference every rung's next tokens are compared with
+                    reference = await next_token.reference(http, engine.base_url, record.id, chat.answers)
+                    self._save_reference(model, reference)
+                    agreement = next_token.compare(reference, reference.positions)
+                elif reference is not None:
+                    agreement = await next_token.agreement(http, engine.base_url, record.id, reference)
+            except (ValueError, KeyError, httpx.HTTPError) as exc:  # e.g. a template that rewrites the prompt
+                logger.warning("%s: next-token measure failed (%s: %s); that part of the gate skipped", record.id,
+                               type(exc).__name__, exc)
+        delta = 0.0 if is_base else (ppl.ppl / base.ppl - 1 if base and base.ppl else None)
         fields = {"ppl": ppl.ppl, "ppl_delta": delta, "sanity": chat.answers[0], "chat": chat.as_dict()}
+        if agreement is not None:
+            fields["next_token"] = agreement.as_dict()
         reason = None
         if delta is not None and delta > model.max_ppl_delta:
             reason = f"ppl delta {delta:+.1%} exceeds the model's floor of {model.max_ppl_delta:+.1%}"
-        elif record.method != "base":
+        elif not is_base:
             base_chat = await self._base_chat(base)
             if base_chat is None:
                 logger.warning("%s: no chat answers of the base to judge against; chat gate skipped", record.id)
             else:
                 reason = judge(chat, base_chat, self.chat_gate)
+            if reason is None and agreement is not None:
+                reason = next_token.judge_agreement(agreement, self.chat_gate)
+            elif agreement is None:
+                logger.warning("%s: no next-token reference of the base; that part of the gate skipped", record.id)
         if reason is not None:
             # The catalog learns it at the transition, before the engine stops: no request sees a stale state.
             record = self.registry.transition(record.id, VariantState.REJECTED, reason=reason, **fields)
@@ -235,8 +256,39 @@ class VariantBuilder:
             # Profiled before it turns ready, while the builder runs nothing else (quiet priors).
             await self.profile_latency(record.id, engine, persist=True)
             record = self.registry.transition(record.id, VariantState.READY, **fields)
-            logger.info("variant %s ready: ppl %.3f (delta %s), chat %d/%d right, %d loops", record.id, ppl.ppl,
-                        "n/a" if delta is None else f"{delta:+.1%}", chat.correct, chat.prompts, chat.loops)
+            logger.info("variant %s ready: ppl %.3f (delta %s), chat %d/%d right, %d loops, next-token %s",
+                        record.id, ppl.ppl, "n/a" if delta is None else f"{delta:+.1%}", chat.correct, chat.prompts,
+                        chat.loops, agreement)
+
+    def _reference_path(self, model: ModelRecord) -> Path:
+        return self.home / "references" / f"{model.name}-{model.source_sha256[:24]}.json"
+
+    def _save_reference(self, model: ModelRecord, reference: next_token.Reference) -> None:
+        path = self._reference_path(model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(reference.as_dict()))
+        tmp.replace(path)
+
+    async def _reference(self, model: ModelRecord, base: VariantRecord | None) -> next_token.Reference | None:
+        """The base's next-token reference: stored when it was evaluated, else (a registry from before the
+        next-token gate) asked of its serving engine now, on its stored answers, and stored."""
+        path = self._reference_path(model)
+        if path.is_file():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                return next_token.Reference.from_dict(json.loads(path.read_text()))
+        base_chat = await self._base_chat(base)
+        engine = self.supervisor.get(base.id) if base is not None else None
+        if base_chat is None or engine is None or engine.status().state is not EngineState.READY:
+            return None
+        try:
+            async with httpx.AsyncClient(timeout=3600, trust_env=False, headers=engine.auth_headers) as http:
+                reference = await next_token.reference(http, engine.base_url, base.id, base_chat.answers)
+        except (ValueError, KeyError, httpx.HTTPError) as exc:
+            logger.warning("%s: the base's next-token reference failed (%s: %s)", model.name, type(exc).__name__, exc)
+            return None
+        self._save_reference(model, reference)
+        return reference
 
     async def _base_chat(self, base: VariantRecord | None) -> ChatScore | None:
         """The base's chat answers: stored when it was evaluated, else (a registry from before the

@@ -60,6 +60,8 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE variants ADD COLUMN chat_json TEXT;",
     # vLLM's tool-call parser for the model's engines (`--tool-call-parser`); NULL: the model takes no tools.
     "ALTER TABLE models ADD COLUMN tool_call_parser TEXT;",
+    # Next-token agreement with the base on the chat windows (optimizers/next_token.py Agreement), as JSON.
+    "ALTER TABLE variants ADD COLUMN next_token_json TEXT;",
 )
 
 

@@ -102,6 +102,7 @@ class VariantRecord:
     updated_at: float
     latency: dict[str, Any] | None = None
     chat: dict[str, Any] | None = None  # optimizers.chat_quality.ChatScore, as a dict
+    next_token: dict[str, Any] | None = None  # optimizers.next_token.Agreement (kld, top1, positions), as a dict
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> VariantRecord:
@@ -113,6 +114,8 @@ class VariantRecord:
         data["latency"] = json.loads(latency) if latency else None
         chat = data.pop("chat_json", None)
         data["chat"] = json.loads(chat) if chat else None
+        next_token = data.pop("next_token_json", None)
+        data["next_token"] = json.loads(next_token) if next_token else None
         return cls(**data)
 
 
@@ -241,6 +244,8 @@ class Registry:
             fields["engine_args_json"] = json.dumps(list(fields.pop("engine_args")))
         if "chat" in fields:
             fields["chat_json"] = json.dumps(fields.pop("chat"))
+        if "next_token" in fields:
+            fields["next_token_json"] = json.dumps(fields.pop("next_token"))
         columns = {"state": new.value, "updated_at": time.time(), **fields}
         assignments = ", ".join(f"{name} = ?" for name in columns)
         cursor = self._db.execute(f"UPDATE variants SET {assignments} WHERE id = ? AND state = ?",

@@ -36,7 +36,8 @@ from tests.integration.gateway_process import (
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 # For checkpoints whose answers are noise (the tiny one): the chat gate judges nothing.
-LENIENT_CHAT_GATE = '{"max_correct_drop": 1.0, "max_extra_loops": 100, "min_agreement": 0.0}'
+LENIENT_CHAT_GATE = ('{"max_correct_drop": 1.0, "max_extra_loops": 100, "min_agreement": 0.0, "max_kld": 1000, '
+                     '"min_top1": 0.0}')
 
 
 def cli(gateway: GatewayProcess, *args: str, timeout_s: float = 1500) -> subprocess.CompletedProcess:

@@ -127,6 +127,12 @@ def test_models_add_builds_measures_and_serves_every_rung(registry_gateway: Gate
         assert variant["ppl"] > 1 and variant["ppl_delta"] is not None
         assert variant["chat"]["prompts"] == len(PROMPTS) and len(variant["chat"]["answers"]) == len(PROMPTS)
         assert variant["latency"]["step_ms"] and variant["latency"]["prefill_fixed_ms"] > 0  # profiled, kept
+        # Next tokens against the base's on the chat windows (optimizers/next_token.py): the base against
+        # itself is exactly 0 and 1; a quantized rung of random weights is somewhere else, measured.
+        agreement = variant["next_token"]
+        assert agreement["positions"] > 0 and agreement["kld"] >= 0 and 0 <= agreement["top1"] <= 1, variant
+        if variant["method"] == "base":
+            assert (agreement["kld"], agreement["top1"]) == (0.0, 1.0), agreement
         if variant["method"] in AT_LOAD:
             assert variant["size_bytes"] is None, variant
         elif variant["method"] != "base":
@@ -134,8 +140,12 @@ def test_models_add_builds_measures_and_serves_every_rung(registry_gateway: Gate
         completion = client.chat.completions.create(model=variant["id"], messages=FRANCE, temperature=0,
                                                     max_tokens=8)  # fmt: skip
         assert completion.model == variant["id"] and completion.usage.completion_tokens > 0
-    listed = {m.id for m in client.models.list()}
-    assert listed == {"tiny"} | {v["id"] for v in model["variants"]}
+    listed = {m.id: m for m in client.models.list()}
+    assert set(listed) == {"tiny"} | {v["id"] for v in model["variants"]}
+    for variant in model["variants"]:  # /v1/models carries the same next-token numbers
+        if variant["state"] != "unsupported":
+            entry, measured = listed[variant["id"]].model_extra, variant["next_token"]
+            assert (entry["kld"], entry["top1_agreement"]) == (measured["kld"], measured["top1"])
     # The logical model is routed along the ladder: no budget -> a ready rung, and the headers say which.
     raw = client.chat.completions.with_raw_response.create(model="tiny", messages=FRANCE, max_tokens=4)
     served = raw.parse().model

@@ -227,9 +227,14 @@ def test_a_models_tool_call_parser_is_kept_and_the_catalog_says_who_takes_tools(
 def test_a_registry_file_from_before_tool_call_parsers_migrates(tmp_path) -> None:
     path = tmp_path / "old.sqlite3"
     conn = sqlite3.connect(path)
-    for number, script in enumerate(MIGRATIONS[:-1], start=1):
+    before = next(i for i, script in enumerate(MIGRATIONS) if "tool_call_parser" in script)
+    for number, script in enumerate(MIGRATIONS[:before], start=1):
         conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
     conn.execute("INSERT INTO models VALUES ('old', 'hf', '/s', 'ab', '/s', 'LlamaForCausalLM', 0.3, 1.0)")
+    conn.execute("INSERT INTO variants (id, model, name, method, bits, config_json, state, created_at, updated_at) "
+                 "VALUES ('old@bf16', 'old', 'bf16', 'base', 16, '{}', 'ready', 1.0, 1.0)")
     conn.commit()
     conn.close()
-    assert Registry(path).model("old").tool_call_parser is None
+    registry = Registry(path)
+    assert registry.model("old").tool_call_parser is None
+    assert registry.variant("old@bf16").next_token is None  # measured when it is next evaluated
