@@ -121,7 +121,8 @@ def render(result: dict) -> str:
 
 async def main_async(args: argparse.Namespace) -> None:
     settings = Settings(home=args.home)
-    base = ensure_checkpoint(find_bundled_gguf(), settings.checkpoints_dir, settings.logs_dir)
+    base = await asyncio.to_thread(ensure_checkpoint, find_bundled_gguf(), settings.checkpoints_dir,
+                                   settings.logs_dir)  # fmt: skip
     windows = tokenized_split(str(base), PROFILES[args.profile]).evaluation
     gate = ChatGate()
     machine = (f"{cpu_model()}, {os.cpu_count()} cores, "

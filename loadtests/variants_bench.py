@@ -83,7 +83,8 @@ def render(result: dict) -> str:
 
 async def main_async(args: argparse.Namespace) -> None:
     settings = Settings(home=args.home)
-    base = ensure_checkpoint(find_bundled_gguf(), settings.checkpoints_dir, settings.logs_dir)
+    base = await asyncio.to_thread(ensure_checkpoint, find_bundled_gguf(), settings.checkpoints_dir,
+                                   settings.logs_dir)  # fmt: skip
     profile = PROFILES[args.profile]
     windows = tokenized_split(str(base), profile).evaluation
     result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "profile": args.profile,

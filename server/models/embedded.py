@@ -12,7 +12,6 @@ import logging
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
@@ -69,40 +68,19 @@ def remove_conversion_leftovers(checkpoints_dir: Path) -> list[Path]:
 
 
 def ensure_checkpoint(gguf: Path, checkpoints_dir: Path, log_dir: Path, python: str = sys.executable) -> Path:
-    """Return the converted checkpoint for `gguf`, converting it first if no cached copy exists.
-
-    Safe against concurrent starts (a file lock) and crashes (built in a temp dir, then renamed).
-    """
+    """Return the converted checkpoint for `gguf`, converting it first if no cached copy exists: convert_gguf
+    for code without a running event loop (async code awaits convert_gguf, or runs this in a thread)."""
     target = gguf_checkpoint_dir(checkpoints_dir, sha256_file(gguf))
-    if (target / "config.json").is_file():
-        return target
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with open(checkpoints_dir / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").is_file():  # converted by another process meanwhile
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=checkpoints_dir))
-        log_path = log_dir / f"convert-{target.name}.log"
-        logger.info("converting %s into %s (once; log %s)", gguf.name, target, log_path)
-        with open(log_path, "ab") as log:
-            result = subprocess.run(
-                [python, "-m", "server.models.convert_gguf", str(gguf), str(tmp)],
-                stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=child_environment({"HF_HUB_OFFLINE": "1"}),
-                check=False,
-            )  # fmt: skip
-        if result.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ConversionFailed(f"converting {gguf} failed (exit {result.returncode}); see {log_path}")
-        os.replace(tmp, target)
-    return target
+    return asyncio.run(convert_gguf(gguf, target, log_dir / f"convert-{target.name}.log", python))
 
 
 async def convert_gguf(gguf: Path, target: Path, log_path: Path, python: str = sys.executable,
                        on_start: Callable[[int], None] = lambda pid: None) -> Path:
-    """ensure_checkpoint for the event loop, and cancellable: the builder converts a registered GGUF in
-    its base variant's job, and a DELETE of the model cancels it (the converter's process group is
-    killed and its temp dir removed). `target`: gguf_checkpoint_dir of the file's digest."""
+    """The checkpoint converted from `gguf` into `target` (gguf_checkpoint_dir of the file's digest), converted
+    now unless a cached copy exists. Safe against concurrent starts (a file lock, waited for without blocking
+    the loop) and crashes (built in a temp dir, then renamed); cancellable: the builder converts a registered
+    GGUF in its base variant's job, and a DELETE of the model cancels it (the converter's process group is
+    killed and its temp dir removed)."""
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

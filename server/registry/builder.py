@@ -138,16 +138,16 @@ class VariantBuilder:
 
     async def build(self, record: VariantRecord) -> None:
         model = self.registry.model(record.model)
-        converted = (Path(model.checkpoint_path) / "config.json").is_file()
-        if record.method == "base" and not converted and record.id not in self.remote_engines:
-            if model.source_kind != "gguf" or not await self._convert(model, record):
-                if model.source_kind != "gguf":
-                    self._fail(record.id, f"its checkpoint {model.checkpoint_path} is gone")
+        if not (Path(model.checkpoint_path) / "config.json").is_file() and record.id not in self.remote_engines:
+            if record.method != "base":
+                self._fail(record.id, "the model's checkpoint was never written: its base variant's conversion "
+                                      "failed (see the base's reason)")
                 return
-        elif record.method != "base" and not converted and record.id not in self.remote_engines:
-            self._fail(record.id, "the model's checkpoint was never written: its base variant's conversion "
-                                  "failed (see the base's reason)")
-            return
+            if model.source_kind != "gguf":
+                self._fail(record.id, f"its checkpoint {model.checkpoint_path} is gone")
+                return
+            if not await self._convert(model, record):
+                return
         if record.method == "base" or record.id in self.remote_engines:
             path = model.checkpoint_path if record.method == "base" else None
             size = checkpoint_bytes(Path(path)) if path else None

@@ -42,11 +42,6 @@ class Source:
     info: ModelInfo
     chat_template: str | list | None  # what decides whether tools can be passed (chat_template_renders_tools)
 
-    @property
-    def converted(self) -> bool:
-        """False for a GGUF whose checkpoint the builder has yet to write."""
-        return (self.checkpoint / "config.json").is_file()
-
 
 # GGUF `general.architecture` -> the Hugging Face class transformers' GGUF loader builds for it
 # (server/models/convert_gguf.py); the decoder LLMs of that loader that vLLM also serves.
