@@ -71,8 +71,9 @@ def test_crashed_engine_is_restarted(gateway: GatewayProcess, client: openai.Ope
     os.kill(before["pid"], signal.SIGKILL)
     # Seen at the process's exit, not after its group is reaped or at the next health poll: it left
     # the routing set (and /ready) within a second, where it used to stay "ready" for ~20 s (issue 15).
+    # The bound is looser than that (a loaded 2-core box); the drills report records the figure.
     killed = time.monotonic()
-    assert wait_for(lambda: gateway.engines()[0]["state"] != "ready", 1.0, 0.05), gateway.engines()
+    assert wait_for(lambda: gateway.engines()[0]["state"] != "ready", 5.0, 0.05), gateway.engines()
     assert httpx.get(f"{gateway.url}/ready", timeout=5).status_code == 503
     seen_s = time.monotonic() - killed
     assert wait_for(lambda: gateway.engines()[0]["state"] == "ready", 300, 1), gateway.log_tail()

@@ -23,14 +23,16 @@ from optimizers.registry import make_config
 from server.engines.local import free_loopback_port
 from server.models.embedded import find_bundled_gguf
 from tests import kernels
-from tests.integration.gateway_process import API_KEY, GatewayProcess, admin, shared_home, start_gateway
+from tests.integration.gateway_process import API_KEY, GatewayProcess, admin, shared_home, start_gateway, wait_for
 from tests.integration.registry_steps import (
     FRANCE,
     LENIENT_CHAT_GATE,
     cli,
     crash_mid_compression,
     delete_mid_compression,
+    states,
     unservable_and_chat_broken_rungs_are_refused,
+    variant,
     wait_terminal,
 )
 from tests.integration.tiny import tiny_llama
@@ -172,8 +174,12 @@ def test_models_rm_stops_engines_and_reuses_artifacts(registry_gateway: GatewayP
     again = admin(registry_gateway, "POST", "/admin/models",
                   json={"path": str(tiny), "name": "tiny-again", "variants": ["int8"], "max_ppl_delta": 100})
     assert again.status_code == 202, again.text
-    built = wait_terminal(registry_gateway, "tiny-again", "int8", 600)
-    assert built["state"] == "ready", built
+    # Past compression is enough: the artifact is found or rebuilt there. Then removed while it is
+    # evaluated (its engine starting or measured), which must stop that engine too.
+    assert wait_for(lambda: states(registry_gateway, "tiny-again")["int8"] not in ("pending", "compressing"),
+                    600, 0.5), registry_gateway.log_tail()
+    built = variant(registry_gateway, "tiny-again", "int8")
+    assert built["state"] in ("evaluating", "ready"), built
     assert built["seconds_to_make"] == next(v for v in model["variants"] if v["name"] == "int8")[
         "seconds_to_make"], "the artifact was rebuilt instead of reused"
     assert cli(registry_gateway, "rm", "tiny-again", timeout_s=60).returncode == 0
