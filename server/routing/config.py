@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.routing.concentrate import SharedDeviceConfig
-from server.routing.plugins import build_scorer
+from server.routing.plugins import build, build_scorer
 from server.routing.types import Budget, Tier
 
 Policy = Literal["degrade", "reject"]
@@ -18,6 +18,42 @@ class ScorerSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     weight: float = Field(ge=0.0, le=100.0)
     parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class PluginSpec(BaseModel):
+    """A filter or picker of the registry (server/routing/plugins.py) and its parameters; a bare name
+    stands for one with its defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(min_length=1, max_length=64)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+def _specs(*names: str) -> tuple[PluginSpec, ...]:
+    return tuple(PluginSpec(name=n) for n in names)
+
+
+class FilterStages(BaseModel):
+    """The router's three filter stages (server/routing/router.py), each a list of filters run in order:
+    `eligible`: a candidate must pass every one, and none left answers "no variant" (`healthy` is
+    required here); `preferred`: none left keeps every eligible one; `fitting`: none left applies the
+    tier's policy (degrade to the fastest preferred, or reject with Retry-After)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    eligible: tuple[PluginSpec, ...] = Field(_specs("healthy", "quality-floor"), max_length=16)
+    preferred: tuple[PluginSpec, ...] = Field(_specs("shared-device"), max_length=16)
+    fitting: tuple[PluginSpec, ...] = Field(_specs("within-budget"), max_length=16)
+
+    @model_validator(mode="after")
+    def _healthy_first(self) -> FilterStages:
+        if not any(spec.name == "healthy" for spec in self.eligible):
+            raise ValueError("filters.eligible must include 'healthy': without it requests reach engines that are down")
+        return self
 
 
 class TierConfig(BaseModel):
@@ -65,6 +101,8 @@ class RoutingConfig(BaseModel):
     max_attempts: int = Field(2, ge=1, le=5, description="engines tried before any byte reaches the client")
     max_retry_after_s: int = Field(60, ge=1, le=60)
     shared_device: SharedDeviceConfig = Field(default_factory=SharedDeviceConfig)
+    filters: FilterStages = Field(default_factory=FilterStages)
+    picker: PluginSpec = Field(default_factory=lambda: PluginSpec(name="max-score"))
 
     @field_validator("tiers", mode="before")
     @classmethod
@@ -95,6 +133,30 @@ class RoutingConfig(BaseModel):
                 except (ValueError, ValidationError) as exc:
                     raise ValueError(f"{where}.{name}: {exc}") from None
         return self
+
+    @model_validator(mode="after")
+    def _filters_and_picker_exist(self) -> RoutingConfig:
+        stages = {stage: getattr(self.filters, stage) for stage in ("eligible", "preferred", "fitting")}
+        for stage, specs in stages.items():
+            for spec in specs:
+                try:
+                    build("filter", spec.name, self.filter_parameters(spec))
+                except (ValueError, ValidationError) as exc:
+                    raise ValueError(f"filters.{stage}.{spec.name}: {exc}") from None
+        try:
+            build("picker", self.picker.name, self.picker.parameters)
+        except (ValueError, ValidationError) as exc:
+            raise ValueError(f"picker.{self.picker.name}: {exc}") from None
+        return self
+
+    def filter_parameters(self, spec: PluginSpec) -> dict[str, Any]:
+        """A filter's parameters: its spec's, over the ones older fields of this config set for it
+        (`quality_floor` for quality-floor, `shared_device.spill_max_overlap` for shared-device)."""
+        inherited: dict[str, Any] = {
+            "quality-floor": {"max_ppl_delta": self.quality_floor},
+            "shared-device": {"spill_max_overlap": self.shared_device.spill_max_overlap},
+        }.get(spec.name, {})
+        return {**inherited, **spec.parameters}
 
     def tier(self, tier: str) -> TierConfig:
         return self.tiers.get(tier) or self.tiers["default"]  # type: ignore[index]

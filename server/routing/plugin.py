@@ -30,5 +30,14 @@ class Scorer(Protocol):
     def score(self, candidate: Candidate, features: RequestFeatures, candidates: Sequence[Candidate]) -> float: ...
 
 
+class Picker(Protocol):
+    """Orders the scored candidates that passed every filter, best first: the first is picked, the
+    rest are the retry order."""
+
+    name: str
+
+    def order(self, scored: list[tuple[Candidate, float]]) -> list[tuple[Candidate, float]]: ...
+
+
 def clamp01(value: float) -> float:
     return 0.0 if value < 0.0 else min(value, 1.0)

@@ -166,6 +166,65 @@ def test_a_growing_queue_shifts_the_choice() -> None:
     assert router.route(feats(e2e=3500), busy).variant.name == "bf16"
 
 
+# --- filters and picker from the plugin registry --------------------------------------------
+
+
+def test_filters_and_picker_are_configured_by_name_and_checked_when_built() -> None:
+    config = RoutingConfig(filters={"preferred": ["shared-device", {"name": "max-queue",
+                                                                      "parameters": {"max_queue": 4}}]},
+                           picker="random")  # fmt: skip
+    assert [s.name for s in config.filters.eligible] == ["healthy", "quality-floor"]  # defaults kept
+    assert [s.name for s in config.filters.preferred] == ["shared-device", "max-queue"]
+    assert config.picker.name == "random"
+    with pytest.raises(ValidationError, match="unknown filter 'fastest'"):
+        RoutingConfig(filters={"fitting": ["within-budget", "fastest"]})
+    with pytest.raises(ValidationError, match=r"(?s)filters.preferred.max-queue.*max_queue"):
+        RoutingConfig(filters={"preferred": [{"name": "max-queue", "parameters": {"max_queue": -1}}]})
+    with pytest.raises(ValidationError, match="must include 'healthy'"):
+        RoutingConfig(filters={"eligible": ["quality-floor"]})
+    with pytest.raises(ValidationError, match="unknown picker 'best'"):
+        RoutingConfig(picker="best")
+    with pytest.raises(ValidationError, match="seed"):
+        RoutingConfig(picker={"name": "random", "parameters": {"seed": "x"}})
+
+
+def test_older_fields_feed_their_filters_and_a_spec_overrides_them() -> None:
+    inherited = RoutingConfig(quality_floor=0.1)
+    spec = inherited.filters.eligible[1]
+    assert inherited.filter_parameters(spec) == {"max_ppl_delta": 0.1}
+    overridden = RoutingConfig(quality_floor=0.1, filters={
+        "eligible": ["healthy", {"name": "quality-floor", "parameters": {"max_ppl_delta": 0.5}}]})
+    decision = Router(overridden).route(feats(e2e=600), [cand(BASE, 3000), cand(INT4, 500)])
+    assert decision.variant.name == "int4"  # +21% passes the spec's 0.5 floor, not the field's 0.1
+
+
+def test_max_queue_in_the_preferred_stage_passes_over_a_long_queue_while_another_has_room() -> None:
+    router = Router(RoutingConfig(filters={"preferred": ["shared-device", {"name": "max-queue",
+                                                                             "parameters": {"max_queue": 2}}]}))  # fmt: skip
+    long_queue = EngineLoad(running=2, waiting=1)
+    pool = [cand(BASE, 3000, load=long_queue), cand(INT8, 2000)]
+    assert Router(RoutingConfig()).route(feats(e2e=3500), pool).variant.name == "bf16"  # default: accuracy
+    decision = router.route(feats(e2e=3500), pool)
+    assert decision.variant.name == "int8" and [c.variant.name for c in decision.fallbacks] == ["bf16"]
+    # Every rung over the bound: none is preferred, so all are kept (it is a preference, not admission).
+    both_long = [cand(BASE, 3000, load=long_queue), cand(INT8, 2000, load=long_queue)]
+    assert router.route(feats(e2e=3500), both_long).variant.name == "bf16"
+    # In the eligible stage the same filter is a hard bound: nothing left is "no variant".
+    hard = Router(RoutingConfig(filters={"eligible": ["healthy", {"name": "max-queue", "parameters": {"max_queue": 2}}]}))
+    assert hard.route(feats(e2e=3500), both_long).reason == "no-variant"
+
+
+def test_the_random_picker_ignores_scores_and_is_reproducible_with_a_seed() -> None:
+    pool = [cand(BASE, 3000), cand(INT8, 2000), cand(INT4, 2500)]
+    seeded = [Router(RoutingConfig(picker={"name": "random", "parameters": {"seed": 7}})) for _ in range(2)]
+    picks = [[r.route(feats(), pool).variant.name for _ in range(30)] for r in seeded]
+    assert picks[0] == picks[1]  # same seed, same sequence
+    assert set(picks[0]) == {"bf16", "int8", "int4"}  # not the max score (bf16) every time
+    decision = seeded[0].route(feats(), pool)
+    assert sorted([decision.variant.name, *(c.variant.name for c in decision.fallbacks)]) == ["bf16", "int4", "int8"]
+    assert Router(RoutingConfig()).route(feats(), pool).variant.name == "bf16"
+
+
 @pytest.mark.parametrize(("config", "tier", "rejected"), [
     (RoutingConfig(policy="reject"), "default", True),
     (RoutingConfig(policy="reject", tiers={"priority": {"policy": "degrade"}}), "priority", False),
