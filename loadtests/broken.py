@@ -16,24 +16,15 @@ from pathlib import Path
 
 
 def break_checkpoint(base: Path, out: Path, layer: int, scale: float) -> Path:
-    """Copy `base` to `out` with `model.layers.{layer}.mlp.down_proj.weight` multiplied by `scale`."""
-    from safetensors.torch import load_file, save_file
+    """Copy `base` to `out` with `model.layers.{layer}.mlp.down_proj.weight` multiplied by `scale`
+    (optimizers/drill.py's, the registry's `drill-broken` rung); made once."""
+    from optimizers.drill import scale_layer
 
-    name = f"model.layers.{layer}.mlp.down_proj.weight"
     if (out / "config.json").is_file():
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(base, tmp)
-    shards = sorted(tmp.glob("*.safetensors"))
-    for shard in shards:
-        tensors = load_file(shard)
-        if name in tensors:
-            tensors[name] = tensors[name] * scale
-            save_file(tensors, shard, metadata={"format": "pt"})
-            break
-    else:
-        raise ValueError(f"{name} is not in {base}")
+    scale_layer(base, tmp, layer, scale)
     tmp.rename(out)
     return out
 

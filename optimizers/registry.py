@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from optimizers import awq, bnb, fp8, int4_ao, int4_gptq, int8, int8_wo
+from optimizers import awq, bnb, drill, fp8, int4_ao, int4_gptq, int8, int8_wo
 from optimizers.base import Artifact, InvalidConfig, MethodConfig
 
 Handler = Callable[[Any, Path, Path, list[list[int]]], Artifact]
@@ -21,6 +21,7 @@ METHODS: dict[type[MethodConfig], Handler] = {
     awq.AwqConfig: awq.quantize,
     fp8.Fp8Config: fp8.quantize,
     bnb.BnbNf4Config: bnb.quantize_nf4,
+    drill.BrokenDrillConfig: drill.make,  # a deliberately broken rung: the gate's drill
 }
 # Listed so that asking for them gives the reason they are refused, not "unknown method".
 REFUSED_ONLY: tuple[type[MethodConfig], ...] = (bnb.BnbInt8Config,)

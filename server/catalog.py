@@ -31,17 +31,19 @@ class Variant:
     reason: str | None = None  # why it is rejected, failed or unsupported
     kld: float | None = None  # next-token KL from the base on the chat windows (optimizers/next_token.py)
     top1_agreement: float | None = None  # share of those positions whose most likely token is the base's
+    chat_score: float | None = None  # share of the chat set's prompts answered right (optimizers/chat_quality.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "state", VariantState(self.state))  # "ready" -> VariantState.READY; checked
 
     @classmethod
     def from_record(cls, record: VariantRecord) -> Variant:
-        agreement = record.next_token or {}
+        agreement, chat = record.next_token or {}, record.chat or {}
         return cls(model=record.model, name=record.name, method=record.method, bits=record.bits,
                    size_bytes=record.size_bytes, ppl=record.ppl, ppl_delta=record.ppl_delta,
                    state=record.state, reason=record.reason, kld=agreement.get("kld"),
-                   top1_agreement=agreement.get("top1"))  # fmt: skip
+                   top1_agreement=agreement.get("top1"),
+                   chat_score=chat["correct"] / chat["prompts"] if chat.get("prompts") else None)  # fmt: skip
 
     @property
     def is_base(self) -> bool:

@@ -47,16 +47,18 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def variants_table(models: list[dict]) -> Table:
-    table = Table("variant", "method", "bits", "state", "MB", "ppl", "ppl delta", "KL", "top-1", "made in s", "note")
+    table = Table("variant", "method", "bits", "state", "MB", "ppl", "ppl delta", "KL", "top-1", "chat", "made in s",
+                  "note")
     for model in models:
         for v in model["variants"]:
             size = None if v["size_bytes"] is None else v["size_bytes"] / 1e6
             delta = "-" if v["ppl_delta"] is None else f"{100 * v['ppl_delta']:+.1f}%"
             color = {"ready": "green", "failed": "red", "rejected": "yellow", "unsupported": "magenta"}.get(v["state"], "cyan")
-            agreement = v.get("next_token") or {}
+            agreement, chat = v.get("next_token") or {}, v.get("chat") or {}
             table.add_row(v["id"], v["method"], str(v["bits"]), f"[{color}]{v['state']}[/{color}]",
                           _fmt(size, ".0f"), _fmt(v["ppl"], ".3f"), delta, _fmt(agreement.get("kld"), ".3f"),
                           _fmt(agreement.get("top1"), ".2f"),
+                          f"{chat['correct']}/{chat['prompts']}" if chat.get("prompts") else "-",
                           _fmt(v["seconds_to_make"], ".0f"), (v["reason"] or "")[:240])  # fmt: skip
     return table
 

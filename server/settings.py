@@ -89,6 +89,8 @@ class Settings(BaseSettings):
     registry_profile: Literal["full", "fast"] = "full"
     max_ppl_delta: float = Field(0.30, gt=0, le=100, description="quality floor: worse variants are rejected")
     chat_gate: ChatGate = Field(default_factory=ChatGate, description="chat answers vs the base's (JSON)")
+    # Per-model replacements of it (JSON `{"model": {...}}`; fields a model's gate leaves out take the defaults).
+    model_chat_gate: dict[str, ChatGate] = Field(default_factory=dict)
     compress_timeout_s: float = Field(4 * 3600.0, gt=0)
     compress_python: str | None = None  # default: the `.venv-compress` beside this environment
 
@@ -198,6 +200,9 @@ class Settings(BaseSettings):
 
     def routing_for(self, model: str) -> RoutingConfig:
         return self.model_routing.get(model, self.routing)
+
+    def chat_gate_for(self, model: str) -> ChatGate:
+        return self.model_chat_gate.get(model, self.chat_gate)
 
     @property
     def logs_dir(self) -> Path:

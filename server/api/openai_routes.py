@@ -154,6 +154,7 @@ def _model_entries(gateway: Gateway, catalog: Catalog) -> list[dict]:
                 "id": v.id, "object": "model", "created": model.created, "owned_by": "quantgate",
                 "parent": model.name, "method": v.method, "bits": v.bits, "size_bytes": v.size_bytes,
                 "ppl": v.ppl, "ppl_delta": v.ppl_delta, "kld": v.kld, "top1_agreement": v.top1_agreement,
+                "chat_score": None if v.chat_score is None else round(v.chat_score, 4),
                 "state": v.state, "ready": v.servable and v.id in serving,
                 **({"reason": v.reason} if v.reason and not v.servable else {}),
             })  # fmt: skip

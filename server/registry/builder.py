@@ -16,13 +16,13 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import httpx
 
 from optimizers import next_token
-from optimizers.chat_quality import ChatGate, ChatScore, chat_answers, judge
+from optimizers.chat_quality import PROMPTS, ChatGate, ChatScore, chat_answers, judge
 from optimizers.data import PROFILES, evaluation_windows
 from optimizers.evaluate import perplexity
 from optimizers.job import checkpoint_bytes
@@ -59,7 +59,8 @@ class VariantBuilder:
     def __init__(self, registry: Registry, supervisor: EngineSupervisor, home: Path,
                  engine_config: EngineFactory, remote_engines: dict[str, RemoteEngineSpec], profile: str,
                  compress_timeout_s: float, book: LatencyBook, compress_python: str | None = None,
-                 engine_ready_timeout_s: float = 900.0, chat_gate: ChatGate | None = None) -> None:  # fmt: skip
+                 engine_ready_timeout_s: float = 900.0, chat_gate: ChatGate | None = None,
+                 model_chat_gate: Mapping[str, ChatGate] | None = None) -> None:  # fmt: skip
         self.registry = registry
         self.supervisor = supervisor
         self.home = home
@@ -71,6 +72,7 @@ class VariantBuilder:
         self.engine_ready_timeout_s = engine_ready_timeout_s
         self.book = book
         self.chat_gate = chat_gate or ChatGate()
+        self.model_chat_gate = dict(model_chat_gate or {})  # per model, in place of chat_gate
         self._wake = asyncio.Event()
         self._windows: dict[str, list[list[int]]] = {}
         # Engines of one device are profiled one at a time: profiled together they share the device
@@ -242,9 +244,9 @@ class VariantBuilder:
             if base_chat is None:
                 logger.warning("%s: no chat answers of the base to judge against; chat gate skipped", record.id)
             else:
-                reason = judge(chat, base_chat, self.chat_gate)
+                reason = judge(chat, base_chat, self.gate_for(model.name))
             if reason is None and agreement is not None:
-                reason = next_token.judge_agreement(agreement, self.chat_gate)
+                reason = next_token.judge_agreement(agreement, self.gate_for(model.name))
             elif agreement is None:
                 logger.warning("%s: no next-token reference of the base; that part of the gate skipped", record.id)
         if reason is not None:
@@ -259,6 +261,10 @@ class VariantBuilder:
             logger.info("variant %s ready: ppl %.3f (delta %s), chat %d/%d right, %d loops, next-token %s",
                         record.id, ppl.ppl, "n/a" if delta is None else f"{delta:+.1%}", chat.correct, chat.prompts,
                         chat.loops, agreement)
+
+    def gate_for(self, model: str) -> ChatGate:
+        """The chat gate a model's rungs are judged by: its own (QUANTGATE_MODEL_CHAT_GATE), else the gateway's."""
+        return self.model_chat_gate.get(model, self.chat_gate)
 
     def _reference_path(self, model: ModelRecord) -> Path:
         return self.home / "references" / f"{model.name}-{model.source_sha256[:24]}.json"
@@ -292,10 +298,10 @@ class VariantBuilder:
 
     async def _base_chat(self, base: VariantRecord | None) -> ChatScore | None:
         """The base's chat answers: stored when it was evaluated, else (a registry from before the
-        chat gate) asked of its serving engine now and stored."""
+        chat gate, or from before the set grew) asked of its serving engine now and stored."""
         if base is None:
             return None
-        if base.chat:
+        if base.chat and base.chat.get("prompts") == len(PROMPTS):
             return ChatScore.from_dict(base.chat)
         engine = self.supervisor.get(base.id)
         if base.state is not VariantState.READY or engine is None or engine.status().state is not EngineState.READY:

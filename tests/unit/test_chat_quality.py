@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from optimizers.chat_quality import PROMPTS, ChatGate, agreement, is_correct, is_looping, judge, score
+import math
+
+from optimizers.chat_quality import (
+    PROMPTS,
+    ChatGate,
+    Expect,
+    agreement,
+    is_correct,
+    is_looping,
+    is_refusal,
+    judge,
+    score,
+    sentences,
+)
 
 # Answers a real int8 rung gave (FACTS, 2026-12-04) and a few shapes around them.
 FRENCH_LOOP = "L'Étoile de France, la femme de France, la femme de France, "
@@ -37,11 +50,60 @@ def test_looping_answers_are_caught(answer: str, expected: bool) -> None:
     assert is_looping(answer) is expected
 
 
+def _right(expect: Expect, phrase: str = "The answer is {}.") -> str:
+    """An answer that meets `expect`: its first keyword, phrased one way (over three lines where asked)."""
+    line = phrase.format(expect.keywords[0])
+    return "\n".join([line] * (expect.min_lines or 1))
+
+
 def _answers(right: int, loops: int = 0, text: str = "I am not sure about that one.") -> list[str]:
-    """`right` correct answers (the first keyword, phrased one way), then `loops` looping ones, then `text`."""
-    out = [f"The answer is {keys[0]}." for _, keys in PROMPTS[:right]]
+    """`right` correct answers, then `loops` looping ones, then `text`."""
+    out = [_right(expect) for _, expect in PROMPTS[:right]]
     out += [FRENCH_LOOP] * loops
     return out + [text] * (len(PROMPTS) - len(out))
+
+
+def test_the_set_has_forty_prompts_or_more_and_each_has_a_check() -> None:
+    assert len(PROMPTS) >= 40 and len({p for p, _ in PROMPTS}) == len(PROMPTS)
+    assert PROMPTS[0][0] == "What is the capital of France?"  # the sanity answer shown everywhere
+    for prompt, expect in PROMPTS:
+        assert expect.keywords, prompt
+        assert expect.met_by(_right(expect)), prompt
+        assert not expect.met_by(""), prompt
+
+
+@pytest.mark.parametrize(("answer", "refusal"), [
+    ("I'm sorry, but I can't help with that.", True),
+    ("I cannot provide instructions for that.", True),
+    ("As an AI, I do not have opinions on this.", True),
+    ("I am unable to answer that question.", True),
+    ("To kill a Python process on Linux, use `kill PID`.", False),
+    ("I can help: the capital of France is Paris.", False),
+])  # fmt: skip
+def test_refusals_are_caught_and_never_right(answer: str, refusal: bool) -> None:
+    assert is_refusal(answer) is refusal
+    kill = next(expect for prompt, expect in PROMPTS if "kill a Python process" in prompt)
+    assert kill.met_by(answer + " kill") is not refusal
+
+
+@pytest.mark.parametrize(("answer", "count"), [
+    ("A noun is a word that refers to a person, place, thing, or idea.", 1),
+    ("The closest star is about 4.22 light-years away. It is Proxima Centauri.", 2),
+    ("The ocean is a vast body of water that surrounds the Earth and is home to", 1),  # cut at 32 tokens
+    ("Yes! It is. Really?", 3),
+    ("", 0),
+])  # fmt: skip
+def test_sentences_are_counted(answer: str, count: int) -> None:
+    assert sentences(answer) == count
+
+
+def test_format_prompts_check_the_format_as_well_as_the_content() -> None:
+    noun = Expect(("person", "thing"), max_sentences=1)
+    assert noun.met_by("A noun is a word that names a person, place or thing.")
+    assert not noun.met_by("A noun names a person. It can also name a thing.")  # two sentences
+    haiku = Expect(("sea",), min_lines=3)
+    assert haiku.met_by("The waves of the sea,\na silent beauty,\nthe ocean's edge")
+    assert not haiku.met_by("The sea is calm and blue today.")  # one line
 
 
 def test_score_counts_facts_and_loops() -> None:
@@ -57,22 +119,24 @@ def test_agreement_is_the_shared_start_of_the_base_answers() -> None:
     other = score(["Je ne sais pas."] * len(PROMPTS))
     assert agreement(other, base) == 0.0
     half = score([a if i % 2 else "Something else entirely." for i, a in enumerate(base.answers)])
-    assert agreement(half, base) == pytest.approx(0.5, abs=0.01)
+    assert agreement(half, base) == pytest.approx((len(PROMPTS) // 2) / len(PROMPTS))  # every other answer
 
 
-GATE = ChatGate()  # 3 of 24 facts, 2 extra loops, agreement 0.2
+GATE = ChatGate()  # 12.5% of the set fewer right, 2 extra loops, agreement 0.2
+N = len(PROMPTS)
+MARGIN = math.floor(GATE.max_correct_drop * N)  # 6 of 49
 
 
 @pytest.mark.parametrize(("variant", "fragment"), [
-    (_answers(right=14), None),  # as right as the base
-    (_answers(right=16), None),  # better than the base: fine
-    (_answers(right=11), None),  # 3 fewer: the margin
-    (_answers(right=10), "10/24 facts right vs the base's 14"),
-    (_answers(right=14, loops=3), "3/24 answers loop vs the base's 0"),
-    (_answers(right=14, loops=2), None),
+    (_answers(right=30), None),  # as right as the base
+    (_answers(right=32), None),  # better than the base: fine
+    (_answers(right=30 - MARGIN), None),  # the margin
+    (_answers(right=29 - MARGIN), f"{29 - MARGIN}/{N} facts right vs the base's 30 (at most {MARGIN} fewer allowed)"),
+    (_answers(right=30, loops=3), f"3/{N} answers loop vs the base's 0"),
+    (_answers(right=30, loops=2), None),
 ])  # fmt: skip
 def test_the_gate_judges_a_rung_against_its_own_base(variant: list[str], fragment: str | None) -> None:
-    base = score(_answers(right=14))
+    base = score(_answers(right=30))
     verdict = judge(score(variant), base, GATE)
     assert verdict is None if fragment is None else fragment in verdict, verdict
 
@@ -80,7 +144,7 @@ def test_the_gate_judges_a_rung_against_its_own_base(variant: list[str], fragmen
 def test_a_rung_that_keeps_the_facts_but_not_the_voice_is_rejected() -> None:
     base = score(_answers(right=14))
     # The same facts, said another way every time: no answer starts like the base's.
-    other = score([f"Réponse : {keys[0]}." for _, keys in PROMPTS[:14]] + ["Je ne sais pas."] * (len(PROMPTS) - 14))
+    other = score([_right(expect, "Réponse : {}.") for _, expect in PROMPTS[:14]] + ["Je ne sais pas."] * (N - 14))
     assert other.correct == 14
     assert "agreement with the base's answers 0.00 < 0.20" in judge(other, base, GATE)
 

@@ -66,3 +66,15 @@ def test_bad_settings_are_refused_with_a_clear_message(monkeypatch: pytest.Monke
         monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=fragment):
         Settings()
+
+
+def test_a_model_s_own_chat_gate_replaces_the_gateway_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("QUANTGATE_CHAT_GATE", '{"max_kld": 0.1}')
+    monkeypatch.setenv("QUANTGATE_MODEL_CHAT_GATE", '{"big": {"max_kld": 0.3, "min_top1": 0.7}}')
+    settings = Settings()
+    assert settings.chat_gate_for("other").max_kld == 0.1
+    own = settings.chat_gate_for("big")
+    assert (own.max_kld, own.min_top1, own.max_correct_drop) == (0.3, 0.7, 0.125)  # the rest: defaults
+    monkeypatch.setenv("QUANTGATE_MODEL_CHAT_GATE", '{"big": {"max_kld": -1}}')
+    with pytest.raises(ValidationError, match="max_kld"):
+        Settings()
