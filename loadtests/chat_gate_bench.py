@@ -30,6 +30,7 @@ import httpx
 
 from loadtests.avx2_emulation import emulated, emulation_env
 from loadtests.broken import break_checkpoint
+from loadtests.case_study import tree_rss_gib
 from loadtests.local import local_engine
 from optimizers import next_token
 from optimizers.chat_quality import PROMPTS, ChatGate, ChatScore, agreement, chat_answers, judge
@@ -66,7 +67,27 @@ async def serve_and_measure(settings: Settings, variant_id: str, model_dir: Path
             reference = await next_token.reference(http, engine.base_url, variant_id, chat.answers)
         measured = await next_token.agreement(http, engine.base_url, variant_id, reference)
         speeds = await decode_speed(http, engine.base_url, variant_id)
-    return ppl.ppl, chat, config.dtype, chat_s, speeds, reference, measured
+        ttfts = await first_token_ms(http, engine.base_url, variant_id)
+        pid = engine.status().pid
+        rss = await asyncio.to_thread(tree_rss_gib, pid) if pid else None
+    return ppl.ppl, chat, config.dtype, chat_s, speeds, reference, measured, ttfts, rss
+
+
+async def first_token_ms(http: httpx.AsyncClient, url: str, variant_id: str, runs: int = SPEED_RUNS,
+                         prompt_tokens: int = 256) -> list[float]:
+    """Time to the first token of a ~`prompt_tokens`-token prompt (streamed, one at a time), in ms."""
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * (prompt_tokens // 9))
+    out = []
+    for _ in range(runs):
+        started = time.monotonic()
+        async with http.stream("POST", f"{url}/v1/completions", json={
+                "model": variant_id, "prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True}) as reply:
+            reply.raise_for_status()
+            async for line in reply.aiter_lines():
+                if line.startswith("data: {"):
+                    out.append((time.monotonic() - started) * 1000)
+                    break
+    return out
 
 
 async def decode_speed(http: httpx.AsyncClient, url: str, variant_id: str, runs: int = SPEED_RUNS,
@@ -115,6 +136,23 @@ def render(result: dict) -> str:
                      f"{delta} | {r['correct']}/{r['prompts']} | "
                      f"{r['loops']} | {agree} | {r['kld']:.4f} | {r['top1']:.3f} | {speed} | "
                      f"{r['answers'][0][:48]!r} | {r['verdict']} |")
+    timed = [r for r in result["rows"] if r.get("ttft_ms") and r.get("decode_tok_s")]
+    if timed:
+        # The article's case study ("before and after": memory, latency, accuracy drop per precision).
+        lines += ["", "## Case study: memory, latency and accuracy drop per rung", "",
+                  "Engine RSS: the engine's processes (API server, engine core, worker) after the measures: weights, "
+                  "the KV cache (`QUANTGATE_ENGINE_CPU_KVCACHE_GIB`) and the runtime together. TTFT: a ~256-token "
+                  "prompt, streamed, one at a time; decode: batch-1 ms per token (the tok/s above); mean ± 95% CI of "
+                  f"{SPEED_RUNS} each. Accuracy drop: perplexity delta, facts right and next-token KL from the base.", "",
+                  "| rung | engine dtype | engine RSS (GiB) | TTFT (ms) | decode (ms/token) | ppl delta | facts right | KL |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in timed:
+            ms = [1000 / v for v in r["decode_tok_s"]]
+            rss = "-" if r.get("engine_rss_gib") is None else f"{r['engine_rss_gib']:.2f}"
+            delta = "-" if r["ppl_delta"] is None else f"{r['ppl_delta']:+.1%}"
+            lines.append(f"| {r['recipe']} | {r['dtype']} | {rss} | {'{:.0f} ± {:.0f}'.format(*mean_ci(r['ttft_ms']))} | "
+                         f"{'{:.1f} ± {:.1f}'.format(*mean_ci(ms))} | {delta} | {r['correct']}/{r['prompts']} | "
+                         f"{r['kld']:.3f} |")
     lines += ["", "Answers per prompt are in the JSON file beside this one."]
     return "\n".join(lines) + "\n"
 
@@ -164,7 +202,7 @@ async def main_async(args: argparse.Namespace) -> None:
         base_ppl = base_chat = reference = None
         for recipe, (model_dir, engine_args) in built.items():
             variant_id = f"smollm2-135m@{recipe.split(':')[0]}"
-            ppl, chat, served, chat_s, speeds, reference, measured = await serve_and_measure(
+            ppl, chat, served, chat_s, speeds, reference, measured, ttfts, rss = await serve_and_measure(
                 dsettings, variant_id, model_dir, engine_args, windows, reference)  # fmt: skip
             if base_chat is None:
                 base_ppl, base_chat = ppl, chat
@@ -177,7 +215,8 @@ async def main_async(args: argparse.Namespace) -> None:
             result["rows"].append({
                 "recipe": recipe, "dtype": served, "ppl": ppl, "ppl_delta": delta,
                 "correct": chat.correct, "loops": chat.loops, "prompts": chat.prompts, "chat_s": round(chat_s, 1),
-                "decode_tok_s": [round(v, 2) for v in speeds],
+                "decode_tok_s": [round(v, 2) for v in speeds], "ttft_ms": [round(v, 1) for v in ttfts],
+                "engine_rss_gib": None if rss is None else round(rss, 3),
                 "agreement": None if is_base else agreement(chat, base_chat), "seconds_to_make": made[recipe],
                 # what the job computed in: forced, or this CPU's default ("auto": the checkpoint's dtype)
                 "calibration_dtype": calibration_dtype_name(),
