@@ -34,10 +34,16 @@ LOADED = re.compile(r"Model loading took ([0-9.]+) ?GiB")
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student's t)."""
     mean = statistics.fmean(values)
     if len(values) < 2:
         return mean, float("nan")
     return mean, T95.get(len(values), 2.0) * statistics.stdev(values) / len(values) ** 0.5
+
+
+def long_prompt(tokens: int) -> str:
+    """A prompt of about `tokens` tokens (one pangram of 9 words, repeated)."""
+    return " ".join(["the quick brown fox jumps over the lazy dog"] * max(tokens // 9, 1))
 
 
 def one(http: httpx.Client, url: str, model: str, prompt: str, tokens: int) -> dict[str, float]:
@@ -74,7 +80,7 @@ def tree_rss_gib(pid: int) -> float | None:
 
 def measure(name: str, url: str, model: str, log: Path | None, args: argparse.Namespace,
             pid: int | None = None) -> dict:  # fmt: skip
-    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * max(args.prompt_tokens // 9, 1))
+    prompt = long_prompt(args.prompt_tokens)
     with httpx.Client(timeout=600, trust_env=False) as http:
         one(http, url, model, prompt, 8)  # warm-up
         runs = [one(http, url, model, prompt, args.output_tokens) for _ in range(args.runs)]

@@ -20,7 +20,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import httpx
 
 from loadtests.avx2_emulation import emulated, emulation_env
 from loadtests.broken import break_checkpoint
-from loadtests.case_study import tree_rss_gib
+from loadtests.case_study import long_prompt, mean_ci, tree_rss_gib
 from loadtests.local import local_engine
 from optimizers import next_token
 from optimizers.chat_quality import PROMPTS, ChatGate, ChatScore, agreement, chat_answers, judge
@@ -76,7 +75,7 @@ async def serve_and_measure(settings: Settings, variant_id: str, model_dir: Path
 async def first_token_ms(http: httpx.AsyncClient, url: str, variant_id: str, runs: int = SPEED_RUNS,
                          prompt_tokens: int = 256) -> list[float]:
     """Time to the first token of a ~`prompt_tokens`-token prompt (streamed, one at a time), in ms."""
-    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * (prompt_tokens // 9))
+    prompt = long_prompt(prompt_tokens)
     out = []
     for _ in range(runs):
         started = time.monotonic()
@@ -104,15 +103,6 @@ async def decode_speed(http: httpx.AsyncClient, url: str, variant_id: str, runs:
         reply.raise_for_status()
         speeds.append(reply.json()["usage"]["completion_tokens"] / (time.monotonic() - started))
     return speeds
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% confidence interval (Student's t)."""
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return mean, float("nan")
-    t95 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(len(values), 2.0)
-    return mean, t95 * statistics.stdev(values) / len(values) ** 0.5
 
 
 def render(result: dict) -> str:

@@ -18,32 +18,29 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import sys
 from pathlib import Path
 
 import httpx
 
 from loadtests.local import local_engine
+from optimizers.base import ModelInfo
 from optimizers.chat_quality import chat_answers
 from optimizers.data import PROFILES, tokenized_split
 from optimizers.evaluate import perplexity
 from optimizers.host import cpu_model
+from optimizers.int4_ao import Int4TorchaoConfig
+from optimizers.int8_wo import TORCHAO_INT8_WEIGHT_ONLY
 from server.models.embedded import ensure_checkpoint, find_bundled_gguf
 from server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-INT8_WEIGHT_ONLY = {"_type": "Int8WeightOnlyConfig", "_version": 2,
-                    "_data": {"group_size": None, "granularity": {"_type": "PerRow", "_version": 1, "_data": {"dim": -1}},
-                              "set_inductor_config": False}}  # fmt: skip
 
 
-def int4_ao(group_size: int) -> dict:
-    return {"_type": "PrototypeInt4WeightOnlyConfig", "_version": 1,
-            "_data": {"group_size": group_size, "int4_choose_qparams_algorithm": "hqq", "set_inductor_config": False}}
-
-
-def mixed_config(group_size: int, layers: list[int]) -> dict:
-    """torchao's `FqnToConfig`: int4 by default, the listed decoder layers' linears at INT8 weight-only."""
-    fqn = {"_default": int4_ao(group_size), **{rf"re:model\.layers\.{n}\..*": INT8_WEIGHT_ONLY for n in layers}}
+def mixed_config(group_size: int, layers: list[int], model: ModelInfo) -> dict:
+    """torchao's `FqnToConfig`: int4-ao's config by default, the listed decoder layers' linears at int8-wo's."""
+    int4 = Int4TorchaoConfig(group_size=group_size).torchao_config(model)
+    fqn = {"_default": int4, **{rf"re:model\.layers\.{n}\..*": TORCHAO_INT8_WEIGHT_ONLY for n in layers}}
     return {"_type": "FqnToConfig", "_version": 1, "_data": {"fqn_to_config": fqn, "module_fqn_to_config": fqn}}
 
 
@@ -86,7 +83,8 @@ def layer_sensitivity(source: Path, windows: list[list[int]], group_size: int) -
 
 async def serve_and_measure(settings: Settings, base: Path, group_size: int, layers: list[int],
                             windows: list[list[int]]) -> dict:  # fmt: skip
-    overrides = {"quantization_config_dict_json": json.dumps(mixed_config(group_size, layers))}
+    mixed = mixed_config(group_size, layers, ModelInfo.from_checkpoint(base))
+    overrides = {"quantization_config_dict_json": json.dumps(mixed)}
     args = ("--quantization", "torchao", "--hf-overrides", json.dumps(overrides), "--dtype", "bfloat16")
     variant_id = "smollm2-135m@int4-ao-mixed"
     async with (local_engine(settings, variant_id, base, args) as (engine, _),
@@ -138,7 +136,7 @@ def main() -> None:
     parser.add_argument("--home", type=Path, default=REPO / ".cache" / "test-home")
     parser.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / dt.date.today().isoformat())
     args = parser.parse_args()
-    args.argv = [a for a in __import__("sys").argv[1:]]
+    args.argv = sys.argv[1:]
     asyncio.run(main_async(args))
 
 

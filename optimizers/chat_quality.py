@@ -136,7 +136,6 @@ class ChatScore:
     correct: int
     loops: int
     prompts: int
-    refusals: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -144,7 +143,7 @@ class ChatScore:
     @classmethod
     def from_dict(cls, data: dict) -> ChatScore:
         return cls(answers=tuple(data["answers"]), correct=int(data["correct"]), loops=int(data["loops"]),
-                   prompts=int(data["prompts"]), refusals=int(data.get("refusals", 0)))
+                   prompts=int(data["prompts"]))
 
 
 def is_correct(answer: str, keywords: tuple[str, ...]) -> bool:
@@ -188,7 +187,7 @@ def score(answers: list[str] | tuple[str, ...]) -> ChatScore:
         raise ValueError(f"{len(answers)} answers for {len(PROMPTS)} prompts")
     return ChatScore(answers=tuple(answers), prompts=len(PROMPTS),
                      correct=sum(expect.met_by(a) for a, (_, expect) in zip(answers, PROMPTS, strict=True)),
-                     loops=sum(is_looping(a) for a in answers), refusals=sum(is_refusal(a) for a in answers))  # fmt: skip
+                     loops=sum(is_looping(a) for a in answers))  # fmt: skip
 
 
 def agreement(variant: ChatScore, base: ChatScore) -> float:

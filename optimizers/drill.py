@@ -18,9 +18,6 @@ from pydantic import Field
 
 from optimizers.base import Artifact, InvalidConfig, MethodConfig, ModelInfo
 
-MANIFEST_NAMES = ("quantgate-variant.json",)
-
-
 class BrokenDrillConfig(MethodConfig):
     method = "drill-broken"
     bits = 16
@@ -44,7 +41,7 @@ def scale_layer(source: Path, out: Path, layer: int, scale: float) -> None:
     name = f"model.layers.{layer}.mlp.down_proj.weight"
     out.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
-        if item.is_file() and item.name not in MANIFEST_NAMES:
+        if item.is_file():
             shutil.copy2(item, out / item.name)
     for shard in sorted(out.glob("*.safetensors")):
         tensors = load_file(shard)

@@ -54,7 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
             remote_engines=dict(settings.remote_engines), book=book,
             profile=settings.registry_profile, compress_timeout_s=settings.compress_timeout_s,
             compress_python=settings.compress_python, engine_ready_timeout_s=settings.engine_start_timeout_s,
-            chat_gate=settings.chat_gate, model_chat_gate=settings.model_chat_gate,
+            chat_gate_for=settings.chat_gate_for,
         )  # fmt: skip
         kernels = await asyncio.to_thread(probe_kernels, hardware.device, settings.cache_dir)
         logger.info("engine kernels here: %s (%s, %s)", kernels.kernels, kernels.library or hardware.device,

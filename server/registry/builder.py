@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -59,8 +59,8 @@ class VariantBuilder:
     def __init__(self, registry: Registry, supervisor: EngineSupervisor, home: Path,
                  engine_config: EngineFactory, remote_engines: dict[str, RemoteEngineSpec], profile: str,
                  compress_timeout_s: float, book: LatencyBook, compress_python: str | None = None,
-                 engine_ready_timeout_s: float = 900.0, chat_gate: ChatGate | None = None,
-                 model_chat_gate: Mapping[str, ChatGate] | None = None) -> None:  # fmt: skip
+                 engine_ready_timeout_s: float = 900.0,
+                 chat_gate_for: Callable[[str], ChatGate] | None = None) -> None:  # fmt: skip
         self.registry = registry
         self.supervisor = supervisor
         self.home = home
@@ -71,8 +71,8 @@ class VariantBuilder:
         self.compress_python = compress_python
         self.engine_ready_timeout_s = engine_ready_timeout_s
         self.book = book
-        self.chat_gate = chat_gate or ChatGate()
-        self.model_chat_gate = dict(model_chat_gate or {})  # per model, in place of chat_gate
+        # The gate a model's rungs are judged by (Settings.chat_gate_for: its own, else the gateway's).
+        self.chat_gate_for = chat_gate_for or (lambda model: ChatGate())
         self._wake = asyncio.Event()
         self._windows: dict[str, list[list[int]]] = {}
         # Engines of one device are profiled one at a time: profiled together they share the device
@@ -244,9 +244,9 @@ class VariantBuilder:
             if base_chat is None:
                 logger.warning("%s: no chat answers of the base to judge against; chat gate skipped", record.id)
             else:
-                reason = judge(chat, base_chat, self.gate_for(model.name))
+                reason = judge(chat, base_chat, self.chat_gate_for(model.name))
             if reason is None and agreement is not None:
-                reason = next_token.judge_agreement(agreement, self.gate_for(model.name))
+                reason = next_token.judge_agreement(agreement, self.chat_gate_for(model.name))
             elif agreement is None:
                 logger.warning("%s: no next-token reference of the base; that part of the gate skipped", record.id)
         if reason is not None:
@@ -261,10 +261,6 @@ class VariantBuilder:
             logger.info("variant %s ready: ppl %.3f (delta %s), chat %d/%d right, %d loops, next-token %s",
                         record.id, ppl.ppl, "n/a" if delta is None else f"{delta:+.1%}", chat.correct, chat.prompts,
                         chat.loops, agreement)
-
-    def gate_for(self, model: str) -> ChatGate:
-        """The chat gate a model's rungs are judged by: its own (QUANTGATE_MODEL_CHAT_GATE), else the gateway's."""
-        return self.model_chat_gate.get(model, self.chat_gate)
 
     def _reference_path(self, model: ModelRecord) -> Path:
         return self.home / "references" / f"{model.name}-{model.source_sha256[:24]}.json"
