@@ -15,6 +15,7 @@ from typing import Any
 from optimizers.base import Device, MethodConfig, ModelInfo
 from optimizers.data import CALIBRATION_VERSION, PROFILES, tokenized_split
 from optimizers.host import NATIVE_BF16, cpu_flags, has_nvidia_gpu
+from optimizers.progress import reporting
 from optimizers.registry import handler_for
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,8 @@ def run_job(config: MethodConfig, source: Path, out: Path, profile: str, device:
             calibration = tokenized_split(str(source), PROFILES[profile]).calibration
         emit("stage", stage="quantizing", method=config.method)
         started = time.monotonic()
-        artifact = handler_for(config)(config, source, tmp, calibration)
+        with reporting(emit):
+            artifact = handler_for(config)(config, source, tmp, calibration)
         seconds = time.monotonic() - started
         manifest = {
             "method": config.method,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from optimizers.job import calibration_dtype_name
+from optimizers.progress import layer_progress
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,9 @@ def oneshot_to_dir(source: Path, out: Path, recipe: Any, calibration: list[list[
     dataset = Dataset.from_dict({"input_ids": calibration, "attention_mask": [[1] * len(w) for w in calibration]})
     max_len = max(len(w) for w in calibration)
     logger.info("calibrating on %d windows of %d tokens", len(calibration), max_len)
-    oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=len(calibration),
-            max_seq_length=max_len, shuffle_calibration_samples=False, pipeline="sequential")
+    with layer_progress(model, len(calibration)):
+        oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=len(calibration),
+                max_seq_length=max_len, shuffle_calibration_samples=False, pipeline="sequential")
     if dtype != "auto":  # calibrated in float32 for speed; the artifact keeps the checkpoint's dtype
         config = json.loads((Path(source) / "config.json").read_text())
         saved = config.get("torch_dtype") or config.get("dtype")

@@ -60,7 +60,8 @@ def create_app(settings: Settings) -> FastAPI:
         logger.info("engine kernels here: %s (%s, %s)", kernels.kernels, kernels.library or hardware.device,
                     kernels.source)
         service = ModelService(settings, registry, builder, supervisor, hardware.device, kernels)
-        metrics = GatewayMetrics(supervisor.statuses, load.all, catalog, registry)
+        metrics = GatewayMetrics(supervisor.statuses, load.all, catalog, registry,
+                                 builder.progress.views)
         per_engine = max([settings.engine_max_in_flight] + [r.max_in_flight or 0 for r in settings.remote_engines.values()])
         upstream = EngineClient(build_upstream_session(settings.upstream_connect_timeout_s,
                                                        settings.upstream_read_timeout_s, per_engine))  # fmt: skip

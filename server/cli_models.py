@@ -46,6 +46,23 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_note(progress: dict | None) -> str:
+    """A build in progress in words: `calibrating, layer 12 of 30, 37%, ETA 3m 20s (4m 02s in)`."""
+    if not progress:
+        return ""
+    parts = [progress["phase"]] + ([progress["detail"]] if progress.get("detail") else [])
+    if progress.get("fraction") is not None:
+        parts.append(f"{progress['fraction']:.0%}")
+    if progress.get("eta_s") is not None:
+        parts.append(f"ETA {_duration(progress['eta_s'])}")
+    return ", ".join(parts) + f" ({_duration(progress['elapsed_s'])} in)"
+
+
 def variants_table(models: list[dict]) -> Table:
     table = Table("variant", "method", "bits", "state", "MB", "ppl", "ppl delta", "KL", "top-1", "chat", "made in s",
                   "note")
@@ -59,7 +76,8 @@ def variants_table(models: list[dict]) -> Table:
                           _fmt(size, ".0f"), _fmt(v["ppl"], ".3f"), delta, _fmt(agreement.get("kld"), ".3f"),
                           _fmt(agreement.get("top1"), ".2f"),
                           f"{chat['correct']}/{chat['prompts']}" if chat.get("prompts") else "-",
-                          _fmt(v["seconds_to_make"], ".0f"), (v["reason"] or "")[:240])  # fmt: skip
+                          _fmt(v["seconds_to_make"], ".0f"),
+                          (v["reason"] or progress_note(v.get("progress")) or "")[:240])  # fmt: skip
     return table
 
 

@@ -102,9 +102,11 @@ class _CatalogCollector(Collector):
     """What each variant is (method, bits, size, quality) and what the registry is doing, read at
     scrape time from the catalog and the SQLite registry."""
 
-    def __init__(self, catalog: Catalog, registry: Registry | None) -> None:
+    def __init__(self, catalog: Catalog, registry: Registry | None,
+                 build_progress: Callable[[], dict[str, dict]] | None = None) -> None:
         self._catalog = catalog
         self._registry = registry
+        self._build_progress = build_progress
 
     def collect(self):
         info = GaugeMetricFamily("quantgate_variant_info", "1 per variant, with what it is",
@@ -142,6 +144,24 @@ class _CatalogCollector(Collector):
         for job in self._registry.running_jobs():
             running.add_metric([job.variant_id, job.stage], now - job.started_at)
         yield from (by_state, job_family, running)
+        if self._build_progress is not None:
+            yield from _progress_families(self._build_progress())
+
+
+def _progress_families(views: dict[str, dict]) -> list[GaugeMetricFamily]:
+    """The build in progress (server/registry/progress.py): its phase, fraction done and ETA."""
+    fraction = GaugeMetricFamily("quantgate_variant_build_progress_ratio",
+                                 "fraction of the build's current phase done (calibrating reports one)",
+                                 labels=["variant", "phase"])
+    eta = GaugeMetricFamily("quantgate_variant_build_eta_seconds",
+                            "time left in the build's current phase, at its measured rate",
+                            labels=["variant", "phase"])
+    for variant_id, view in views.items():
+        if view["fraction"] is not None:
+            fraction.add_metric([variant_id, view["phase"]], view["fraction"])
+        if view["eta_s"] is not None:
+            eta.add_metric([variant_id, view["phase"]], view["eta_s"])
+    return [fraction, eta]
 
 
 class _MemoryCollector(Collector):
@@ -214,7 +234,8 @@ def _process_tree(pid: int) -> list[tuple[int, int]]:
 class GatewayMetrics:
     def __init__(self, engine_statuses: Callable[[], Iterable[EngineStatus]],
                  engine_load: Callable[[], dict[str, EngineGauges]] | None = None,
-                 catalog: Catalog | None = None, registry: Registry | None = None) -> None:
+                 catalog: Catalog | None = None, registry: Registry | None = None,
+                 build_progress: Callable[[], dict[str, dict]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = _Counter(
@@ -272,5 +293,5 @@ class GatewayMetrics:
         r.register(_EngineCollector(engine_statuses, engine_load))
         r.register(_MemoryCollector(engine_statuses))
         if catalog is not None:
-            r.register(_CatalogCollector(catalog, registry))
+            r.register(_CatalogCollector(catalog, registry, build_progress))
         ProcessCollector(namespace="quantgate", registry=r)  # the gateway's own CPU, RSS, open fds

@@ -35,6 +35,7 @@ from server.jobs.compress import CompressionFailed, CompressionJob, run_compress
 from server.models.embedded import ConversionFailed, convert_gguf
 from server.registry.artifacts import artifact_dir, artifact_key
 from server.registry.ingest import IngestError, inspect_hf_dir
+from server.registry.progress import BuildProgress
 from server.registry.store import ModelRecord, Registry, RegistryError, VariantRecord, VariantState
 from server.routing.predictor import LatencyBook, LatencyPriors
 from server.settings import RemoteEngineSpec
@@ -79,6 +80,7 @@ class VariantBuilder:
         # and their priors come out too slow (fp8 and w4a16 2x on one H200, FACTS.md).
         self._profiling: dict[str, asyncio.Lock] = {}
         self._building: tuple[str, asyncio.Task[None]] | None = None  # (model, the build in progress)
+        self.progress = BuildProgress()
 
     def wake(self) -> None:
         self._wake.set()
@@ -104,6 +106,7 @@ class VariantBuilder:
                 continue
             task = asyncio.create_task(self.build(record), name=f"build:{record.id}")
             self._building = (record.model, task)
+            self.progress.phase(record.id, "starting")
             try:
                 await task
             except asyncio.CancelledError:
@@ -116,6 +119,7 @@ class VariantBuilder:
                 self._fail(record.id, f"{type(exc).__name__}: {exc}")
             finally:
                 self._building = None
+                self.progress.finish(record.id)
 
     async def start_engine(self, record: VariantRecord) -> Engine:
         """Start (or attach) the engine that serves `record` and wait until it is healthy."""
@@ -160,6 +164,7 @@ class VariantBuilder:
         if record.state is VariantState.FAILED:
             return
         try:
+            self.progress.phase(record.id, "starting the engine")
             engine = await self.start_engine(record)
         except BuildFailed as exc:
             self._fail(record.id, str(exc))
@@ -170,6 +175,7 @@ class VariantBuilder:
         """Write a GGUF source's checkpoint (the base variant's job: registration only read the file's
         header, so a POST /admin/models answers at once). False, with the base failed, if it cannot be."""
         log_path = self.home / "logs" / f"convert-{record.id}.log"
+        self.progress.phase(record.id, "converting the GGUF")
         job_id = self.registry.start_job(record.id, "converting")
         self.registry.transition(record.id, VariantState.CONVERTING, log_path=str(log_path), reason=None)
         checkpoint = Path(model.checkpoint_path)
@@ -192,6 +198,7 @@ class VariantBuilder:
         key = artifact_key(model.source_sha256, config, self.profile)
         out = artifact_dir(self.home, key)
         log_path = self.home / "logs" / f"compress-{record.id}.log"
+        self.progress.phase(record.id, "compressing")
         job_id = self.registry.start_job(record.id, "compressing")
         self.registry.transition(record.id, VariantState.COMPRESSING, artifact_key=key, log_path=str(log_path),
                                  reason=None)
@@ -200,7 +207,7 @@ class VariantBuilder:
         try:
             manifest = await run_compression(
                 job, log_path, self.compress_timeout_s, self.compress_python,
-                on_event=lambda event: self.registry.update_job(job_id, stage=str(event.get("stage", event["event"]))),
+                on_event=lambda event: self._job_event(record.id, job_id, event),
             )  # fmt: skip
         except CompressionFailed as exc:
             self.registry.update_job(job_id, state="failed", error=f"{exc.kind}: {exc.message}")
@@ -213,21 +220,30 @@ class VariantBuilder:
             seconds_to_make=manifest["seconds_to_make"],
         )  # fmt: skip
 
+    def _job_event(self, variant_id: str, job_id: int, event: dict) -> None:
+        self.progress.event(variant_id, event)
+        if event.get("event") != "progress":  # progress is many events a minute: memory only, not SQLite
+            self.registry.update_job(job_id, stage=str(event.get("stage", event["event"])))
+
     async def _evaluate(self, model: ModelRecord, record: VariantRecord, engine: Engine) -> None:
         windows = await self._eval_windows(model)
         base = next((v for v in self.registry.variants(model.name) if v.method == "base"), None)
         is_base = record.method == "base"
         reference = None if is_base else await self._reference(model, base)
         async with httpx.AsyncClient(timeout=3600, trust_env=False, headers=engine.auth_headers) as http:
+            self.progress.phase(record.id, "measuring perplexity")
             ppl = await perplexity(http, engine.base_url, record.id, windows)
+            self.progress.phase(record.id, "asking the chat set")
             chat = await chat_answers(http, engine.base_url, record.id)
             agreement: next_token.Agreement | None = None
             try:
                 if is_base:  # the reference every rung's next tokens are compared with
+                    self.progress.phase(record.id, "next-token reference")
                     reference = await next_token.reference(http, engine.base_url, record.id, chat.answers)
                     self._save_reference(model, reference)
                     agreement = next_token.compare(reference, reference.positions)
                 elif reference is not None:
+                    self.progress.phase(record.id, "next-token agreement")
                     agreement = await next_token.agreement(http, engine.base_url, record.id, reference)
             except (ValueError, KeyError, httpx.HTTPError) as exc:  # e.g. a template that rewrites the prompt
                 logger.warning("%s: next-token measure failed (%s: %s); that part of the gate skipped", record.id,
@@ -256,6 +272,7 @@ class VariantBuilder:
             logger.warning("variant %s rejected: %s", record.id, reason)
         else:
             # Profiled before it turns ready, while the builder runs nothing else (quiet priors).
+            self.progress.phase(record.id, "profiling latency")
             await self.profile_latency(record.id, engine, persist=True)
             record = self.registry.transition(record.id, VariantState.READY, **fields)
             logger.info("variant %s ready: ppl %.3f (delta %s), chat %d/%d right, %d loops, next-token %s",

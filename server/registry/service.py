@@ -16,13 +16,16 @@ from server.engines.probe import KernelProbe
 from server.engines.supervisor import EngineSupervisor
 from server.registry.builder import VariantBuilder
 from server.registry.ingest import IngestError, chat_template_renders_tools, ingest, vllm_tool_parsers
-from server.registry.store import ModelRecord, Registry
+from server.registry.store import ModelRecord, Registry, VariantState
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 BASE_VARIANT = "bf16"
+
+
+BUILDING = frozenset({VariantState.CONVERTING, VariantState.COMPRESSING, VariantState.EVALUATING})
 
 
 def host_ladder(configs: list[MethodConfig], kernels: KernelProbe, info: ModelInfo, device: Device
@@ -130,6 +133,8 @@ class ModelService:
                 row["state"] = v.state.value
                 row["config"] = v.config
                 row["jobs"] = [j.id for j in self.registry.jobs(v.id)]
+                # The build's phase, fraction and ETA (server/registry/progress.py) while it is at work.
+                row["progress"] = self.builder.progress.view(v.id) if v.state in BUILDING else None
                 variants.append(row)
             out.append({**asdict(model), "variants": variants})
         return out

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,31 @@ def states(gateway: GatewayProcess, name: str) -> dict[str, str]:
 
 def variant(gateway: GatewayProcess, name: str, rung: str) -> dict:
     return next(v for v in admin(gateway, "GET", f"/admin/models/{name}").json()["variants"] if v["name"] == rung)
+
+
+@contextmanager
+def watching_builds(gateway: GatewayProcess, name: str, interval_s: float = 0.5
+                    ) -> Iterator[list[tuple[str, dict | None]]]:  # fmt: skip
+    """Poll `name`'s variants while the block runs; yields the (state, progress) pairs seen."""
+    seen: list[tuple[str, dict | None]] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.wait(interval_s):
+            try:
+                response = admin(gateway, "GET", f"/admin/models/{name}")
+            except httpx.HTTPError:
+                continue
+            if response.status_code == 200:
+                seen.extend((v["state"], v["progress"]) for v in response.json()["variants"])
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(timeout=30)
 
 
 def wait_terminal(gateway: GatewayProcess, name: str, rung: str, timeout_s: float) -> dict:

@@ -25,9 +25,11 @@ def tiny_llama() -> Path:
     return make_tiny_llama()
 
 
-def _compress(method: str, source: Path, out: Path, config: dict | None = None) -> dict:
+def _compress(method: str, source: Path, out: Path, config: dict | None = None,
+              events: list | None = None) -> dict:  # fmt: skip
     job = CompressionJob(method, source, out, profile="fast", device="cpu", config=tuple((config or {}).items()))
-    return asyncio.run(run_compression(job, out.parent / f"{method}.log", timeout_s=900))
+    on_event = events.append if events is not None else lambda event: None
+    return asyncio.run(run_compression(job, out.parent / f"{method}.log", timeout_s=900, on_event=on_event))
 
 
 def _tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -37,7 +39,14 @@ def _tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def test_int8_w8a8_tensors(tiny_llama: Path, tmp_path: Path) -> None:
-    manifest = _compress("int8", tiny_llama, tmp_path / "int8")
+    events: list[dict] = []
+    manifest = _compress("int8", tiny_llama, tmp_path / "int8", events=events)
+    # The job reports each decoder layer it calibrates (optimizers/progress.py), in order.
+    progress = [e for e in events if e["event"] == "progress"]
+    assert [e["layer"] for e in progress] == sorted(e["layer"] for e in progress)
+    assert {(e["phase"], e["layer"], e["layers"]) for e in progress} == {("calibrating", n, 2) for n in (1, 2)}
+    fractions = [e["fraction"] for e in progress]
+    assert fractions == sorted(fractions) and 0 < fractions[0] < fractions[-1] <= 1
     tensors = _tensors(tmp_path / "int8")
     assert tensors["model.layers.0.self_attn.q_proj.weight"] == ("I8", (HIDDEN, HIDDEN))
     assert tensors["model.layers.0.mlp.down_proj.weight"] == ("I8", (HIDDEN, INTERMEDIATE))

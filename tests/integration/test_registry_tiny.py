@@ -15,6 +15,7 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -24,7 +25,15 @@ from optimizers.registry import make_config
 from server.engines.local import free_loopback_port
 from server.models.embedded import find_bundled_gguf
 from tests import kernels
-from tests.integration.gateway_process import API_KEY, GatewayProcess, admin, shared_home, start_gateway, wait_for
+from tests.integration.gateway_process import (
+    API_KEY,
+    TERMINAL,
+    GatewayProcess,
+    admin,
+    shared_home,
+    start_gateway,
+    wait_for,
+)
 from tests.integration.registry_steps import (
     FRANCE,
     LENIENT_CHAT_GATE,
@@ -35,11 +44,13 @@ from tests.integration.registry_steps import (
     unservable_and_chat_broken_rungs_are_refused,
     variant,
     wait_terminal,
+    watching_builds,
 )
 from tests.integration.tiny import tiny_llama
 
 pytestmark = pytest.mark.engine
 
+BUILDING = ("converting", "compressing", "evaluating")  # the states a variant has a progress in
 METHODS = ("int8", "int4-gptq", "awq")
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -115,9 +126,19 @@ def test_bad_registrations_are_refused_with_the_reason(registry_gateway: Gateway
 
 
 def test_models_add_builds_measures_and_serves_every_rung(registry_gateway: GatewayProcess, tiny: Path) -> None:
-    result = cli(registry_gateway, "add", str(tiny), "--name", "tiny", "--variants", ",".join((*METHODS, DRILL)),
-                 "--max-ppl-delta", "100")  # fmt: skip
+    with watching_builds(registry_gateway, "tiny") as seen:
+        result = cli(registry_gateway, "add", str(tiny), "--name", "tiny", "--variants",
+                     ",".join((*METHODS, DRILL)), "--max-ppl-delta", "100")  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
+    # Every variant being built says what it is doing (server/registry/progress.py); a finished one does not.
+    building = [(state, progress) for state, progress in seen if state in BUILDING]
+    assert building and all(progress and progress["phase"] and progress["elapsed_s"] >= 0
+                            for _, progress in building), building  # fmt: skip
+    phases = {progress["phase"] for _, progress in building}
+    assert {"starting the engine", "asking the chat set"} <= phases, building
+    assert all(progress is None for state, progress in seen if state in TERMINAL)
+    metrics = httpx.get(f"{registry_gateway.url}/metrics", timeout=10).text
+    assert "quantgate_variant_build_progress_ratio" in metrics and "quantgate_variant_build_eta_seconds" in metrics
     listing = cli(registry_gateway, "list", timeout_s=60).stdout
     client = openai.OpenAI(base_url=f"{registry_gateway.url}/v1", api_key=API_KEY, max_retries=0)
     model = admin(registry_gateway, "GET", "/admin/models/tiny").json()
