@@ -47,6 +47,26 @@ def ask_each(http: httpx.Client, models: list[str]) -> list[dict]:
     return answers
 
 
+def eta_against_truth(progress: dict[str, list[dict]]) -> list[dict]:
+    """Each variant's calibrating ETA as polled, against the time really left: until the first poll that
+    saw its calibration done (fraction 1, or another phase). Resolution: the 2-s polling."""
+    rows = []
+    for variant_id, seen in progress.items():
+        calibrating = [s for s in seen if s["phase"] == "calibrating"]
+        if not calibrating:
+            continue
+        after = [s["t"] for s in seen if s["t"] > calibrating[0]["t"] and (s["phase"] != "calibrating" or
+                                                                          s["fraction"] == 1.0)]  # fmt: skip
+        if not after:
+            continue
+        for s in calibrating:
+            truth = after[0] - s["t"]
+            if s["t"] < after[0] and s["eta_s"] is not None and truth > 0:
+                rows.append({"variant": variant_id, "t": s["t"], "fraction": s["fraction"], "eta_s": s["eta_s"],
+                             "truth_s": round(truth, 1), "error": round(s["eta_s"] / truth - 1, 3)})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="full", choices=["full", "fast"])
@@ -64,6 +84,7 @@ def main() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "server", "serve"], stdout=log, stderr=subprocess.STDOUT, env=env,
                             cwd=REPO, start_new_session=True)  # fmt: skip
     events: dict[str, dict[str, float]] = {}
+    progress: dict[str, list[dict]] = {}
     first_token_s = None
     models: list[dict] = []
     answers: list[dict] = []
@@ -79,6 +100,8 @@ def main() -> None:
                 now = round(time.monotonic() - started, 1)
                 for variant in (v for m in models for v in m["variants"]):
                     events.setdefault(variant["id"], {}).setdefault(variant["state"], now)
+                    if variant.get("progress"):
+                        progress.setdefault(variant["id"], []).append({"t": now, **variant["progress"]})
                 if first_token_s is None and any("ready" in e or "evaluating" in e for e in events.values()):
                     reply = http.post("/v1/chat/completions", json={
                         "model": "smollm2-135m", "max_tokens": 1,
@@ -102,6 +125,7 @@ def main() -> None:
         proc.wait(timeout=120)
     result = {"date": dt.datetime.now().isoformat(timespec="seconds"), "profile": args.profile,
               "emulated_avx2": args.emulate_avx2, "host": host, "first_answer_s": first_token_s, "events_s": events,
+              "progress": progress, "eta": eta_against_truth(progress),
               "answers": answers, "models_list": listing, "command": "python -m loadtests.serve_timeline " +
               " ".join(sys.argv[1:])}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
@@ -119,6 +143,15 @@ def main() -> None:
               "| model | status | answered by | answer or error |", "|---|---|---|---|"]  # fmt: skip
     for a in answers:
         lines.append(f"| {a['model']} | {a['status']} | {a['served_by'] or '-'} | {a['text']!r} |")
+    late = [r for r in result["eta"] if r["fraction"] >= 0.1]
+    lines += ["", "The calibration's ETA as `GET /admin/models` showed it (server/registry/progress.py), against the "
+              f"time really left (2-s polling): {sum(abs(r['error']) <= 0.25 for r in late)} of {len(late)} "
+              "samples past 10% within 25%.", "",
+              "| variant | at s | done | ETA s | truth s | error |", "|---|---|---|---|---|---|"]  # fmt: skip
+    step = max(len(late) // 16, 1)
+    for r in late[::step]:
+        lines.append(f"| {r['variant']} | {r['t']} | {r['fraction']:.0%} | {r['eta_s']} | {r['truth_s']} | "
+                     f"{r['error']:+.0%} |")  # fmt: skip
     lines += ["", "```", listing.rstrip(), "```", ""]
     (args.out / f"{stem}.md").write_text("\n".join(lines))
     print("\n".join(lines))
