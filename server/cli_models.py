@@ -52,12 +52,13 @@ def _duration(seconds: float) -> str:
 
 
 def progress_note(progress: dict | None) -> str:
-    """A build in progress in words: `calibrating, layer 12 of 30, 37%, ETA 3m 20s (4m 02s in)`."""
+    """A build in progress in words: `calibrating, layer 12 of 30, ████░░░░░░ 37%, ETA 3m 20s (4m 02s in)`."""
     if not progress:
         return ""
     parts = [progress["phase"]] + ([progress["detail"]] if progress.get("detail") else [])
     if progress.get("fraction") is not None:
-        parts.append(f"{progress['fraction']:.0%}")
+        filled = round(10 * progress["fraction"])
+        parts.append(f"{'█' * filled}{'░' * (10 - filled)} {progress['fraction']:.0%}")
     if progress.get("eta_s") is not None:
         parts.append(f"ETA {_duration(progress['eta_s'])}")
     return ", ".join(parts) + f" ({_duration(progress['elapsed_s'])} in)"

@@ -87,7 +87,7 @@ def test_no_eta_before_the_minimum_fraction_nor_for_phases_without_one() -> None
 def test_the_cli_and_the_metrics_show_it() -> None:
     view = {"phase": "calibrating", "detail": "layer 12 of 30", "fraction": 0.37, "phase_elapsed_s": 100.0,
             "elapsed_s": 242.0, "eta_s": 200.0}  # fmt: skip
-    assert progress_note(view) == "calibrating, layer 12 of 30, 37%, ETA 3m 20s (4m 02s in)"
+    assert progress_note(view) == "calibrating, layer 12 of 30, ████░░░░░░ 37%, ETA 3m 20s (4m 02s in)"
     assert (
         progress_note({**view, "detail": None, "fraction": None, "eta_s": None}) == "calibrating (4m 02s in)"
     )
