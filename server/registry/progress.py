@@ -29,6 +29,12 @@ class _Phase:
     last: tuple[float, float] | None = None
 
 
+def queued(ahead: int, waited_s: float) -> dict[str, Any]:
+    """A pending variant's progress: how many builds run before it (the one at work included)."""
+    return {"phase": "queued", "detail": f"{ahead} build{'s' * (ahead != 1)} ahead", "fraction": None,
+            "phase_elapsed_s": round(waited_s, 1), "elapsed_s": round(waited_s, 1), "eta_s": None}  # fmt: skip
+
+
 class BuildProgress:
     def __init__(self, min_fraction: float = 0.05, clock: Callable[[], float] = time.monotonic) -> None:
         self.min_fraction = min_fraction

@@ -16,7 +16,8 @@ from server.engines.probe import KernelProbe
 from server.engines.supervisor import EngineSupervisor
 from server.registry.builder import VariantBuilder
 from server.registry.ingest import IngestError, chat_template_renders_tools, ingest, vllm_tool_parsers
-from server.registry.store import ModelRecord, Registry, VariantState
+from server.registry.progress import queued
+from server.registry.store import ModelRecord, Registry, VariantRecord, VariantState
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -123,8 +124,20 @@ class ModelService:
         return {**asdict(job), "variant_state": variant.state.value, "variant_reason": variant.reason,
                 "log_path": variant.log_path}  # fmt: skip
 
+    def _progress(self, v: VariantRecord, queue: list[str]) -> dict[str, Any] | None:
+        """The build's phase, fraction and ETA (server/registry/progress.py) while it is at work; for a
+        pending variant its place in the queue (the builder may already have taken it); else None."""
+        view = self.builder.progress.view(v.id)
+        if v.state in BUILDING or (v.state is VariantState.PENDING and view is not None):
+            return view
+        if v.state is VariantState.PENDING and v.id in queue:
+            at_work = sum(1 for p in self.builder.progress.views() if p not in queue)
+            return queued(queue.index(v.id) + at_work, time.time() - v.created_at)
+        return None
+
     def describe(self, name: str | None = None) -> list[dict[str, Any]]:
         models = [self.registry.model(name)] if name else self.registry.models()
+        queue = self.registry.pending_queue()
         out = []
         for model in models:
             variants = []
@@ -133,8 +146,7 @@ class ModelService:
                 row["state"] = v.state.value
                 row["config"] = v.config
                 row["jobs"] = [j.id for j in self.registry.jobs(v.id)]
-                # The build's phase, fraction and ETA (server/registry/progress.py) while it is at work.
-                row["progress"] = self.builder.progress.view(v.id) if v.state in BUILDING else None
+                row["progress"] = self._progress(v, queue)
                 variants.append(row)
             out.append({**asdict(model), "variants": variants})
         return out

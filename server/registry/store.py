@@ -228,12 +228,16 @@ class Registry:
             raise NotFound(f"no variant {variant_id!r}")
         return VariantRecord.from_row(row)
 
+    _PENDING = "SELECT {} FROM variants WHERE state = 'pending' ORDER BY method != 'base', created_at, rowid"
+
     def next_pending(self) -> VariantRecord | None:
         """Oldest pending variant in the order asked for, base variants first (the reference ppl)."""
-        row = self._db.execute(
-            "SELECT * FROM variants WHERE state = 'pending' ORDER BY method != 'base', created_at, rowid LIMIT 1"
-        ).fetchone()
+        row = self._db.execute(self._PENDING.format("*") + " LIMIT 1").fetchone()
         return VariantRecord.from_row(row) if row else None
+
+    def pending_queue(self) -> list[str]:
+        """Every pending variant's id, in the order the builder takes them (next_pending's)."""
+        return [row[0] for row in self._db.execute(self._PENDING.format("id"))]
 
     def transition(self, variant_id: str, new: VariantState, **fields: Any) -> VariantRecord:
         """Move a variant to `new` (checked), updating the given columns in the same statement."""

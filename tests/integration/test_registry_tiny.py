@@ -137,6 +137,8 @@ def test_models_add_builds_measures_and_serves_every_rung(registry_gateway: Gate
     phases = {progress["phase"] for _, progress in building}
     assert {"starting the engine", "asking the chat set"} <= phases, building
     assert all(progress is None for state, progress in seen if state in TERMINAL)
+    queue = [progress for state, progress in seen if state == "pending"]  # behind the base: their place in line
+    assert queue and all(queue) and any(p["phase"] == "queued" and p["detail"].endswith("ahead") for p in queue)
     metrics = httpx.get(f"{registry_gateway.url}/metrics", timeout=10).text
     assert "quantgate_variant_build_progress_ratio" in metrics and "quantgate_variant_build_eta_seconds" in metrics
     listing = cli(registry_gateway, "list", timeout_s=60).stdout

@@ -7,7 +7,7 @@ import pytest
 from optimizers.progress import LayerProgress
 from server.cli_models import progress_note
 from server.metrics import _progress_families
-from server.registry.progress import BuildProgress
+from server.registry.progress import BuildProgress, queued
 
 
 class Clock:
@@ -99,3 +99,10 @@ def test_the_cli_and_the_metrics_show_it() -> None:
     assert [(s.labels, s.value) for s in eta.samples] == [
         ({"variant": "m@int8", "phase": "calibrating"}, 200.0)
     ]
+
+
+def test_a_queued_variant_says_how_many_builds_run_before_it() -> None:
+    assert queued(2, 61.04) == {"phase": "queued", "detail": "2 builds ahead", "fraction": None,
+                                "phase_elapsed_s": 61.0, "elapsed_s": 61.0, "eta_s": None}  # fmt: skip
+    assert queued(1, 0)["detail"] == "1 build ahead"
+    assert progress_note(queued(1, 5)) == "queued, 1 build ahead (5s in)"

@@ -56,8 +56,10 @@ def test_duplicate_model_is_refused_and_adds_nothing(registry: Registry) -> None
 
 def test_next_pending_is_the_base_first(registry: Registry) -> None:
     assert registry.next_pending().id == "m@bf16"
+    assert registry.pending_queue() == ["m@bf16", "m@int8"]
     registry.transition("m@bf16", S.EVALUATING)
     assert registry.next_pending().id == "m@int8"
+    assert registry.pending_queue() == ["m@int8"]
 
 
 @pytest.mark.parametrize(
