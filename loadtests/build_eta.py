@@ -114,13 +114,13 @@ def main() -> None:
             started = time.monotonic()
             job = CompressionJob(method, base, home / "out" / method, profile=args.profile, device="cpu")
             asyncio.run(run_compression(job, home / f"{method}.log", timeout_s=4 * 3600,
-                                        on_event=lambda e: events.append((time.monotonic() - started, e))))  # fmt: skip
+                                        on_event=lambda e, log=events, t0=started: log.append((time.monotonic() - t0, e))))  # fmt: skip
             rows = replay(events)
             calibrating = [t for t, e in events if e.get("event") == "progress"]
             methods.append({"method": method, "rows": rows, "summary": summary(rows),
                             "calibration_s": round(calibrating[-1] - calibrating[0], 1) if calibrating else None})  # fmt: skip
             print(json.dumps({"method": method, **methods[-1]["summary"]}), flush=True)
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     report = {"profile": args.profile, "methods": methods, "date": dt.date.today().isoformat(),
               "cpu": f"{model} ({platform.machine()}, avx512f: {'avx512f' in cpu})",

@@ -92,5 +92,9 @@ class BuildProgress:
                 "elapsed_s": round(now - self._started[variant_id], 1),
                 "eta_s": None if eta is None else round(eta, 1)}  # fmt: skip
 
+    def building(self) -> list[str]:
+        """The variants whose build is in progress."""
+        return list(self._phases)
+
     def views(self) -> dict[str, dict[str, Any]]:
-        return {variant_id: view for variant_id in list(self._phases) if (view := self.view(variant_id))}
+        return {variant_id: view for variant_id in self.building() if (view := self.view(variant_id))}

@@ -124,20 +124,21 @@ class ModelService:
         return {**asdict(job), "variant_state": variant.state.value, "variant_reason": variant.reason,
                 "log_path": variant.log_path}  # fmt: skip
 
-    def _progress(self, v: VariantRecord, queue: list[str]) -> dict[str, Any] | None:
+    def _progress(self, v: VariantRecord, queue: list[str], at_work: int) -> dict[str, Any] | None:
         """The build's phase, fraction and ETA (server/registry/progress.py) while it is at work; for a
-        pending variant its place in the queue (the builder may already have taken it); else None."""
+        pending variant its place in the queue behind the `at_work` builds running (the builder may
+        already have taken it); else None."""
         view = self.builder.progress.view(v.id)
         if v.state in BUILDING or (v.state is VariantState.PENDING and view is not None):
             return view
         if v.state is VariantState.PENDING and v.id in queue:
-            at_work = sum(1 for p in self.builder.progress.views() if p not in queue)
             return queued(queue.index(v.id) + at_work, time.time() - v.created_at)
         return None
 
     def describe(self, name: str | None = None) -> list[dict[str, Any]]:
         models = [self.registry.model(name)] if name else self.registry.models()
         queue = self.registry.pending_queue()
+        at_work = sum(1 for variant_id in self.builder.progress.building() if variant_id not in queue)
         out = []
         for model in models:
             variants = []
@@ -146,7 +147,7 @@ class ModelService:
                 row["state"] = v.state.value
                 row["config"] = v.config
                 row["jobs"] = [j.id for j in self.registry.jobs(v.id)]
-                row["progress"] = self._progress(v, queue)
+                row["progress"] = self._progress(v, queue, at_work)
                 variants.append(row)
             out.append({**asdict(model), "variants": variants})
         return out
