@@ -31,9 +31,9 @@ beat it (the shared-device router issue). So, per model and device group:
                        requests per second r completes at any concurrency it was profiled at,
                        prefill included), so that when every rung saturates the one that drains
                        fastest is active, not the most accurate
-      active = the rung of the highest value, kept until another beats it by `hysteresis` in
-               every evaluation of the last `confirm_s` and the active one has held for
-               `min_dwell_s` (at once if it stops serving, or if the gain is `urgent_gain` or
+      active = the rung of the highest value, kept until another beats it by `hysteresis` (or, more
+               accurate, is worth at least as much) in every evaluation of the last `confirm_s` and
+               the active one has held for `min_dwell_s` (at once if it stops serving, or if the gain is `urgent_gain` or
                more: e.g. it saturates while another would keep up, or the traffic jumped from a
                trickle the dwell was started on). A switch is not free: the old rung's requests
                decode beside the new rung's until they finish
@@ -325,12 +325,25 @@ class Concentrator:
         held = now - previous.since  # type: ignore[union-attr]
         gain = best.value - current.value
         if best.variant_id == current.variant_id or gain <= self.config.hysteresis:
-            return DeviceRegime(device, current.variant_id, previous.since, switches, rate,  # type: ignore[union-attr]
-                                tuple(outlooks), f"{current.variant_id} stays active {what}")
+            # No rung beats the active one by the hysteresis; a more accurate rung predicted at least as good
+            # still takes over (confirmed as any switch). On one H100 INT8 was made active under the bench's
+            # capacity burst and kept at 0.25x and 1.0x, where FP8 was predicted as good (and measured better)
+            # at half INT8's ppl delta (loadtests/results/2026-12-07/router-h100-8e90486.md). It cannot flap:
+            # going back to the less accurate rung takes a gain beyond the hysteresis.
+            upgrades = [o for o in outlooks if o.value >= current.value
+                        and accuracy[o.variant_id] < accuracy[current.variant_id]]  # fmt: skip
+            if not upgrades:
+                return DeviceRegime(device, current.variant_id, previous.since, switches, rate,  # type: ignore[union-attr]
+                                    tuple(outlooks), f"{current.variant_id} stays active {what}")
+            best = min(upgrades, key=lambda o: accuracy[o.variant_id])
+            gain = best.value - current.value
+            beat = f"is as good as {current.variant_id} and more accurate (value {gain:+.2f})"
+        else:
+            beat = f"beat {current.variant_id} by {gain:.2f}"
         since = previous.challenger_since if previous.challenger == best.variant_id else now  # type: ignore[union-attr]
         if gain >= self.config.urgent_gain or (held >= self.config.min_dwell_s and now - since >= self.config.confirm_s):
             return DeviceRegime(device, best.variant_id, now, switches + 1, rate, tuple(outlooks),
-                                f"{best.variant_id} beat {current.variant_id} by {gain:.2f} {what}")
+                                f"{best.variant_id} {beat} {what}")
         return DeviceRegime(device, current.variant_id, previous.since, switches, rate,  # type: ignore[union-attr]
                             tuple(outlooks), f"{current.variant_id} stays active, {best.variant_id} ahead by "
                             f"{gain:.2f} for {now - since:.1f} s, {what}", best.variant_id, since)  # fmt: skip
