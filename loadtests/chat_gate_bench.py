@@ -36,7 +36,7 @@ from optimizers.chat_quality import PROMPTS, ChatGate, ChatScore, agreement, cha
 from optimizers.data import PROFILES, tokenized_split
 from optimizers.evaluate import perplexity
 from optimizers.host import cpu_flags, cpu_model
-from optimizers.job import calibration_dtype_name
+from optimizers.job import calibration_budget_s, calibration_dtype_name
 from optimizers.registry import make_config
 from server.jobs.compress import CompressionJob, run_compression
 from server.models.embedded import ensure_checkpoint, find_bundled_gguf, sha256_file
@@ -113,16 +113,18 @@ def render(result: dict) -> str:
         f"gate {result['gate']}; agreement and verdict against the base served in the same dtype. Command: "
         f"`{result['command']}`", "",
         f"tok/s: batch-1 decode, mean and 95% CI of {SPEED_RUNS} greedy {SPEED_TOKENS}-token completions.", "",
-        "| recipe | calibration dtype | s to make | engine dtype | ppl | delta | facts right | loops | agreement "
-        "| next-token KL | top-1 agreement | tok/s @1 | France answer | gate |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| recipe | calibration dtype | windows | s to make | engine dtype | ppl | delta | facts right | loops "
+        "| agreement | next-token KL | top-1 agreement | tok/s @1 | France answer | gate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in result["rows"]:
         delta = "-" if r["ppl_delta"] is None else f"{100 * r['ppl_delta']:+.1f}%"
         agree = "-" if r["agreement"] is None else f"{r['agreement']:.2f}"
         made = "-" if r.get("seconds_to_make") is None else f"{r['seconds_to_make']:.0f}"
         speed = "-" if not r.get("decode_tok_s") else "{:.1f} ± {:.1f}".format(*mean_ci(r["decode_tok_s"]))
-        lines.append(f"| {r['recipe']} | {r.get('calibration_dtype', 'auto')} | {made} | {r['dtype']} | {r['ppl']:.3f} | "
+        windows = r.get("calibration_samples") or "-"
+        lines.append(f"| {r['recipe']} | {r.get('calibration_dtype', 'auto')} | {windows} | {made} | {r['dtype']} | "
+                     f"{r['ppl']:.3f} | "
                      f"{delta} | {r['correct']}/{r['prompts']} | "
                      f"{r['loops']} | {agree} | {r['kld']:.4f} | {r['top1']:.3f} | {speed} | "
                      f"{r['answers'][0][:48]!r} | {r['verdict']} |")
@@ -169,6 +171,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
     built: dict[str, tuple[Path, tuple[str, ...]]] = {"base": (base, ())}
     made: dict[str, float | None] = {"base": None}
+    windows_used: dict[str, int | None] = {"base": None}
     source_sha = sha256_file(find_bundled_gguf())
     for recipe in args.recipes:
         method, config = parse_recipe(recipe)
@@ -182,11 +185,13 @@ async def main_async(args: argparse.Namespace) -> None:
                 settings.logs_dir / f"compress-{method}.log", timeout_s=args.timeout_s)  # fmt: skip
         built[recipe] = (Path(manifest["model_path"]) if manifest["on_load"] else out, tuple(manifest["engine_args"]))
         made[recipe] = manifest.get("seconds_to_make")
+        windows_used[recipe] = manifest.get("calibration_samples")
     for spec in args.broken:
         layer, scale = spec.split(":")
         broken = break_checkpoint(base, settings.home / "broken" / f"layer{layer}-x{scale}", int(layer), float(scale))
         built[f"broken:{spec}"] = (broken, ())
         made[f"broken:{spec}"] = None
+        windows_used[f"broken:{spec}"] = None
     for dtype in args.dtypes:
         dsettings = Settings(home=args.home, engine_dtype=dtype)
         base_ppl = base_chat = reference = None
@@ -208,6 +213,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 "decode_tok_s": [round(v, 2) for v in speeds], "ttft_ms": [round(v, 1) for v in ttfts],
                 "engine_rss_gib": None if rss is None else round(rss, 3),
                 "agreement": None if is_base else agreement(chat, base_chat), "seconds_to_make": made[recipe],
+                "calibration_samples": windows_used[recipe],
+                "calibration_budget_s": calibration_budget_s(),
                 # what the job computed in: forced, or this CPU's default ("auto": the checkpoint's dtype)
                 "calibration_dtype": calibration_dtype_name(),
                 "kld": measured.kld, "top1": measured.top1, "positions": measured.positions, "verdict": verdict,

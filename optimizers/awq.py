@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import Field
 
 from optimizers.base import Artifact, Device, MethodConfig, ModelInfo
+from optimizers.data import spread
 from optimizers.groups import resolve_group_size
 
 
@@ -37,25 +38,6 @@ class AwqConfig(MethodConfig):
         resolve_group_size(self.group_size, model, self.method)
 
 
-def _evenly(items: list, n: int) -> list:
-    """`n` of `items`, evenly spaced from the first (all of them when there are no more)."""
-    if n >= len(items):
-        return items
-    return [items[int(k * len(items) / n)] for k in range(n)]
-
-
-def spread(windows: list[list[int]], n: int | None, chat: bool = True) -> list[list[int]]:
-    """`n` of `windows`, evenly spread. The calibration set alternates prose and chat-formatted
-    windows: with `chat` the subset takes them in consecutive pairs (both kinds), else prose only."""
-    if not chat:
-        prose = windows[::2]
-        return prose if n is None else _evenly(prose, n)
-    if n is None:
-        return windows
-    pairs = [windows[i : i + 2] for i in range(0, len(windows), 2)]
-    return [w for pair in _evenly(pairs, (n + 1) // 2) for w in pair][:n]
-
-
 def quantize(config: AwqConfig, source: Path, out: Path, calibration: list[list[int]]) -> Artifact:
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier
@@ -69,5 +51,5 @@ def quantize(config: AwqConfig, source: Path, out: Path, calibration: list[list[
         QuantizationModifier(config_groups=group_scheme(4, group_size, config.symmetric, None), ignore=["lm_head"]),
     ]
     windows = spread(calibration, config.calibration_windows, config.chat_windows)
-    oneshot_to_dir(source, out, recipe, windows)
-    return Artifact(method=config.method, model_path=out, calibration_samples=len(windows))
+    used = oneshot_to_dir(source, out, recipe, windows)
+    return Artifact(method=config.method, model_path=out, calibration_samples=used)

@@ -112,3 +112,22 @@ def _as_chat(tokenizer, window: list[int], length: int) -> list[int]:  # noqa: A
     if isinstance(rendered, dict):  # transformers versions differ in what tokenize=True returns
         rendered = rendered["input_ids"]
     return list(rendered)[:length]
+
+
+def _evenly(items: list, n: int) -> list:
+    """`n` of `items`, evenly spaced from the first (all of them when there are no more)."""
+    if n >= len(items):
+        return items
+    return [items[int(k * len(items) / n)] for k in range(n)]
+
+
+def spread(windows: list[list[int]], n: int | None, chat: bool = True) -> list[list[int]]:
+    """`n` of `windows`, evenly spread. The calibration set alternates prose and chat-formatted
+    windows: with `chat` the subset takes them in consecutive pairs (both kinds), else prose only."""
+    if not chat:
+        prose = windows[::2]
+        return prose if n is None else _evenly(prose, n)
+    if n is None:
+        return windows
+    pairs = [windows[i : i + 2] for i in range(0, len(windows), 2)]
+    return [w for pair in _evenly(pairs, (n + 1) // 2) for w in pair][:n]

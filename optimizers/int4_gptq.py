@@ -36,5 +36,5 @@ def quantize(config: Int4GptqConfig, source: Path, out: Path, calibration: list[
     group_size = resolve_group_size(config.group_size, ModelInfo.from_checkpoint(source), config.method)
     recipe = GPTQModifier(config_groups=group_scheme(4, group_size, config.symmetric, config.actorder),
                           ignore=["lm_head"], dampening_frac=config.dampening_frac)
-    oneshot_to_dir(source, out, recipe, calibration)
-    return Artifact(method=config.method, model_path=out)
+    used = oneshot_to_dir(source, out, recipe, calibration)
+    return Artifact(method=config.method, model_path=out, calibration_samples=used)

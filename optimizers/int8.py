@@ -28,5 +28,5 @@ def quantize(config: Int8Config, source: Path, out: Path, calibration: list[list
         SmoothQuantModifier(smoothing_strength=config.smoothing_strength),
         GPTQModifier(targets="Linear", scheme="W8A8", ignore=["lm_head"], dampening_frac=config.dampening_frac),
     ]
-    oneshot_to_dir(source, out, recipe, calibration)
-    return Artifact(method=config.method, model_path=out)
+    used = oneshot_to_dir(source, out, recipe, calibration)
+    return Artifact(method=config.method, model_path=out, calibration_samples=used)

@@ -47,13 +47,33 @@ def calibration_dtype_name() -> str:
     return "auto" if has_nvidia_gpu() or NATIVE_BF16 & flags or not flags else "float32"
 
 
+# The default time budget of one variant's calibration (issue 21, item 2): the full profile's int8 took
+# 510 s on a 2-core AVX2-only EPYC (loadtests/results/2026-12-07/serve-timeline-full.md) and about 3.5 min a
+# layer, some 2 hours, on an older one; capped, the whole default ladder fits the 30 minutes the issue asks.
+DEFAULT_CALIBRATION_BUDGET_S = 300.0
+
+
+def calibration_budget_s() -> float | None:
+    """Seconds one calibration may take (QUANTGATE_CALIBRATION_BUDGET_S; 0 = no budget): the job measures
+    its first layer and, if the whole would take longer, calibrates on fewer windows
+    (optimizers/progress.py: sized_windows), recording how many in the variant's manifest."""
+    raw = os.environ.get("QUANTGATE_CALIBRATION_BUDGET_S", "").strip()
+    try:
+        budget = float(raw) if raw else DEFAULT_CALIBRATION_BUDGET_S
+    except ValueError:
+        budget = DEFAULT_CALIBRATION_BUDGET_S
+    return budget if budget > 0 else None
+
+
 def calibration_tag(config: MethodConfig, profile: str) -> str:
-    """The calibration data a job uses (and the dtype it computes in, when not the checkpoint's own):
-    part of every key that says two outputs are the same."""
+    """The calibration data a job uses (the dtype it computes in when not the checkpoint's own, and its time
+    budget): part of every key that says two outputs are the same. With a budget the windows used depend on
+    the machine's speed too; the key names the budget and the manifest the windows."""
     if not config.needs_calibration:
         return "none"
-    dtype = calibration_dtype_name()
-    return f"{profile}/v{CALIBRATION_VERSION}" + ("" if dtype == "auto" else f"/{dtype}")
+    dtype, budget = calibration_dtype_name(), calibration_budget_s()
+    return (f"{profile}/v{CALIBRATION_VERSION}" + ("" if dtype == "auto" else f"/{dtype}")
+            + ("" if budget is None else f"/budget{budget:g}s"))  # fmt: skip
 
 
 def job_key(config: MethodConfig, source: Path, profile: str) -> str:
@@ -93,6 +113,8 @@ def run_job(config: MethodConfig, source: Path, out: Path, profile: str, device:
             "calibration_version": CALIBRATION_VERSION if config.needs_calibration else None,
             "profile": profile if config.needs_calibration else None,
             "calibration_samples": artifact.calibration_samples or len(calibration),
+            "calibration_windows_offered": len(calibration),
+            "calibration_budget_s": calibration_budget_s() if config.needs_calibration else None,
             "source": str(source),
             "seconds_to_make": round(seconds, 1),
             "on_load": artifact.on_load,

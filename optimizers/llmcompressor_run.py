@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from optimizers.job import calibration_dtype_name
-from optimizers.progress import layer_progress
+from optimizers.data import spread
+from optimizers.job import calibration_budget_s, calibration_dtype_name
+from optimizers.progress import MIN_WINDOWS, OverBudget, emit_stage, layer_progress, sized_windows
 
 logger = logging.getLogger(__name__)
 
@@ -32,31 +34,56 @@ def calibration_dtype() -> Any:
     return name if name == "auto" else getattr(torch, name)
 
 
-def oneshot_to_dir(source: Path, out: Path, recipe: Any, calibration: list[list[int]]) -> None:
-    """Calibrate `source` with `recipe` on the given token windows; save compressed to `out`."""
+def oneshot_to_dir(source: Path, out: Path, recipe: Any, calibration: list[list[int]]) -> int:
+    """Calibrate `source` with `recipe` on the given token windows; save compressed to `out`. Returns the
+    windows used: fewer than given when the whole would outrun the calibration's time budget
+    (optimizers/job.py: calibration_budget_s). The first layer measures the rate; past the budget the run
+    stops there and starts again, from the checkpoint, on an evenly spread subset (at most twice more)."""
     import torch
-    from datasets import Dataset
-    from llmcompressor import oneshot
+    from llmcompressor.core.session_functions import create_session
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _cpu_workarounds()
-    torch.manual_seed(0)
     dtype = calibration_dtype()
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    dataset = Dataset.from_dict({"input_ids": calibration, "attention_mask": [[1] * len(w) for w in calibration]})
-    max_len = max(len(w) for w in calibration)
-    logger.info("calibrating on %d windows of %d tokens", len(calibration), max_len)
-    with layer_progress(model, len(calibration)):
-        oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=len(calibration),
-                max_seq_length=max_len, shuffle_calibration_samples=False, pipeline="sequential")
+    budget = calibration_budget_s()
+    windows = calibration
+    for attempt in range(3):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        # The last attempt, or one already at the floor, runs to its end whatever it projects.
+        limit = budget if attempt < 2 and len(windows) > MIN_WINDOWS else None
+        try:
+            with create_session():  # a fresh session (and copy of the recipe) per attempt: nothing carried over
+                _oneshot(model, copy.deepcopy(recipe), windows, limit)
+            break
+        except OverBudget as over:
+            assert budget is not None
+            fit = sized_windows(len(windows), over.projected_s, budget)
+            logger.warning("calibration over its %.0f s budget (%s): again on %d windows", budget, over, fit)
+            emit_stage("calibration-resized", windows=fit, was=len(windows), budget_s=budget,
+                       projected_s=round(over.projected_s, 1))  # fmt: skip
+            windows = spread(windows, fit)
+            del model
     if dtype != "auto":  # calibrated in float32 for speed; the artifact keeps the checkpoint's dtype
         config = json.loads((Path(source) / "config.json").read_text())
         saved = config.get("torch_dtype") or config.get("dtype")
         if isinstance(saved, str) and saved != "float32" and hasattr(torch, saved):
             model.to(getattr(torch, saved))
     model.save_pretrained(out, save_compressed=True)
-    tokenizer.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return len(windows)
+
+
+def _oneshot(model: Any, recipe: Any, windows: list[list[int]], budget_s: float | None) -> None:
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    dataset = Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * len(w) for w in windows]})
+    max_len = max(len(w) for w in windows)
+    logger.info("calibrating on %d windows of %d tokens", len(windows), max_len)
+    with layer_progress(model, len(windows), budget_s):
+        oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=len(windows),
+                max_seq_length=max_len, shuffle_calibration_samples=False, pipeline="sequential")
 
 
 def group_scheme(bits: int, group_size: int, symmetric: bool, actorder: str | None) -> dict[str, Any]:

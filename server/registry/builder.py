@@ -217,7 +217,7 @@ class VariantBuilder:
             record.id, VariantState.EVALUATING,
             model_path=manifest["model_path"] if manifest["on_load"] else str(out),
             engine_args=manifest["engine_args"], size_bytes=manifest["size_bytes"],
-            seconds_to_make=manifest["seconds_to_make"],
+            seconds_to_make=manifest["seconds_to_make"], calibration_samples=manifest.get("calibration_samples"),
         )  # fmt: skip
 
     def _job_event(self, variant_id: str, job_id: int, event: dict) -> None:

@@ -62,6 +62,8 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE models ADD COLUMN tool_call_parser TEXT;",
     # Next-token agreement with the base on the chat windows (optimizers/next_token.py Agreement), as JSON.
     "ALTER TABLE variants ADD COLUMN next_token_json TEXT;",
+    # Calibration windows the compression used: fewer than its profile's when it had to fit its time budget.
+    "ALTER TABLE variants ADD COLUMN calibration_samples INTEGER;",
 )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 # The job's stage events (optimizers/job.py) in words a user reads.
 STAGE_PHASES = {"calibration-data": "preparing calibration data", "quantizing": "quantizing",
+                "calibration-resized": "fitting the calibration to its time budget",
                 "cached": "reusing a cached artifact", "done": "compressed"}  # fmt: skip
 
 

@@ -103,6 +103,7 @@ class VariantRecord:
     latency: dict[str, Any] | None = None
     chat: dict[str, Any] | None = None  # optimizers.chat_quality.ChatScore, as a dict
     next_token: dict[str, Any] | None = None  # optimizers.next_token.Agreement (kld, top1, positions), as a dict
+    calibration_samples: int | None = None  # windows calibrated on (optimizers/job.py: calibration_budget_s)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> VariantRecord:

@@ -59,6 +59,25 @@ def test_int8_w8a8_tensors(tiny_llama: Path, tmp_path: Path) -> None:
     assert make_config("int8", manifest["config"]).fingerprint() == manifest["fingerprint"]
 
 
+def test_a_calibration_over_its_time_budget_starts_again_on_fewer_windows(
+        tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    # No first layer takes under 1 ms: the 16 windows of the fast profile project past the budget, and the
+    # job calibrates again on the floor of 8 (optimizers/progress.py: sized_windows), to its end.
+    monkeypatch.setenv("QUANTGATE_CALIBRATION_BUDGET_S", "0.001")
+    events: list[dict] = []
+    manifest = _compress("int8", tiny_llama, tmp_path / "int8", events=events)
+    resized = [e for e in events if e["event"] == "stage" and e["stage"] == "calibration-resized"]
+    assert len(resized) == 1
+    assert (resized[0]["was"], resized[0]["windows"], resized[0]["budget_s"]) == (16, 8, 0.001)
+    assert resized[0]["projected_s"] > 0.001
+    assert (manifest["calibration_samples"], manifest["calibration_windows_offered"]) == (8, 16)
+    assert manifest["calibration_budget_s"] == 0.001
+    # The second run is the one saved: whole, and its progress reaches the end after the resize.
+    after = [e for e in events[events.index(resized[0]):] if e["event"] == "progress"]
+    assert after and after[-1]["fraction"] == 1.0
+    assert _tensors(tmp_path / "int8")["model.layers.1.mlp.down_proj.weight"] == ("I8", (HIDDEN, INTERMEDIATE))
+
+
 @pytest.mark.parametrize(("method", "symmetric"), [("int4-gptq", True), ("awq", False)])
 def test_w4a16_group_tensors(method: str, symmetric: bool, tiny_llama: Path, tmp_path: Path) -> None:
     manifest = _compress(method, tiny_llama, tmp_path / method)

@@ -179,6 +179,10 @@ def test_models_add_builds_measures_and_serves_every_rung(registry_gateway: Gate
             assert variant["size_bytes"] is None, variant
         elif variant["method"] != "base":
             assert variant["seconds_to_make"] > 0 and variant["size_bytes"] < base["size_bytes"], (variant, base)
+        # The windows it calibrated on: all of the fast profile's 16, well inside the default time budget (AWQ's
+        # scale search takes the prose half).
+        if variant["method"] in ("int8", "int4-gptq", "awq"):
+            assert variant["calibration_samples"] == (8 if variant["method"] == "awq" else 16), variant
         completion = client.chat.completions.create(model=variant["id"], messages=FRANCE, temperature=0,
                                                     max_tokens=8)  # fmt: skip
         assert completion.model == variant["id"] and completion.usage.completion_tokens > 0

@@ -1,10 +1,11 @@
-"""A build's progress: the job's layer forwards -> events -> phase, fraction and ETA -> API, CLI, metrics."""
+"""A build's progress: the job's layer forwards -> events -> phase, fraction and ETA -> API, CLI, metrics;
+and the calibration's time budget, judged from the first layer's time."""
 
 from __future__ import annotations
 
 import pytest
 
-from optimizers.progress import LayerProgress
+from optimizers.progress import MIN_WINDOWS, LayerProgress, OverBudget, sized_windows
 from server.cli_models import progress_note
 from server.metrics import _progress_families
 from server.registry.progress import BuildProgress, queued
@@ -106,3 +107,61 @@ def test_a_queued_variant_says_how_many_builds_run_before_it() -> None:
                                 "phase_elapsed_s": 61.0, "elapsed_s": 61.0, "eta_s": None}  # fmt: skip
     assert queued(1, 0)["detail"] == "1 build ahead"
     assert progress_note(queued(1, 5)) == "queued, 1 build ahead (5s in)"
+
+
+def _layer(progress: LayerProgress, index: int, clock: Clock, seconds: float) -> None:
+    """One layer of the sequential pipeline: every window twice (calibrate, propagate), `seconds` in all."""
+    for _ in range(2 * progress.windows):
+        progress.forward(index)
+        clock.now += seconds / (2 * progress.windows)
+
+
+def test_the_first_layer_projects_the_calibration_and_past_its_budget_stops_it() -> None:
+    clock = Clock()
+    progress = LayerProgress(layers=30, windows=128, emit=lambda *a, **k: None, clock=clock, budget_s=300)
+    _layer(progress, 0, clock, seconds=17.0)
+    assert progress.projected_s() is None  # layer 0 not known done until layer 1 starts
+    with pytest.raises(OverBudget) as over:
+        progress.forward(1)
+    assert over.value.first_layer_s == pytest.approx(17.0)
+    assert over.value.projected_s == pytest.approx(510.0)
+    assert over.value.windows == 128
+    # 300 s with a 15% margin for the per-layer part that does not scale: 64 windows.
+    assert sized_windows(128, over.value.projected_s, 300) == 64
+
+
+def test_a_calibration_within_its_budget_or_without_one_runs_on() -> None:
+    for budget in (600.0, None):
+        clock = Clock()
+        progress = LayerProgress(layers=30, windows=128, emit=lambda *a, **k: None, clock=clock, budget_s=budget)
+        for layer in range(3):
+            _layer(progress, layer, clock, seconds=17.0)
+        assert progress.projected_s() == pytest.approx(510.0)
+        assert progress.fraction() == pytest.approx(3 / 30)
+
+
+@pytest.mark.parametrize(("windows", "projected", "budget", "expected"), [
+    (128, 510.0, 300.0, 64),     # this AVX2 box's full-profile int8 under the default budget
+    (128, 7200.0, 300.0, MIN_WINDOWS),  # two hours (an older CPU): the floor, not 4 windows
+    (128, 200.0, 300.0, 128),    # already fits: never more than given
+    (16, 30.0, 20.0, 8),         # even: prose and chat windows come in pairs
+    (128, 0.0, 300.0, 128),      # nothing measured: unchanged
+])  # fmt: skip
+def test_sized_windows(windows: int, projected: float, budget: float, expected: int) -> None:
+    assert sized_windows(windows, projected, budget) == expected
+
+
+def test_the_budget_is_a_setting_and_part_of_the_artifact_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from optimizers.job import DEFAULT_CALIBRATION_BUDGET_S, calibration_budget_s, calibration_tag
+    from optimizers.registry import make_config
+
+    int8, fp8 = make_config("int8", {}), make_config("fp8", {})
+    monkeypatch.delenv("QUANTGATE_CALIBRATION_BUDGET_S", raising=False)
+    assert calibration_budget_s() == DEFAULT_CALIBRATION_BUDGET_S
+    default_tag = calibration_tag(int8, "full")
+    monkeypatch.setenv("QUANTGATE_CALIBRATION_BUDGET_S", "120")
+    assert calibration_budget_s() == 120.0
+    assert calibration_tag(int8, "full") != default_tag and calibration_tag(int8, "full").endswith("/budget120s")
+    assert calibration_tag(fp8, "full") == "none"  # calibrates on nothing: no budget in its key
+    monkeypatch.setenv("QUANTGATE_CALIBRATION_BUDGET_S", "0")
+    assert calibration_budget_s() is None and "budget" not in calibration_tag(int8, "full")

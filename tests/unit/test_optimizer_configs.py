@@ -131,7 +131,7 @@ def test_split_refuses_overlap() -> None:
     (8, None, True, list(range(8))),
 ])  # fmt: skip
 def test_awq_calibration_subset_is_spread(offered: int, wanted: int | None, chat: bool, expected: list[int]) -> None:
-    from optimizers.awq import spread
+    from optimizers.data import spread
 
     assert [w[0] for w in spread([[i] for i in range(offered)], wanted, chat)] == expected
 
@@ -141,6 +141,7 @@ def test_a_forced_calibration_dtype_is_part_of_the_artifact_key(monkeypatch) -> 
     from optimizers.registry import make_config
 
     config = make_config("int8")
+    monkeypatch.setenv("QUANTGATE_CALIBRATION_BUDGET_S", "0")  # no budget: the tag is the data and dtype alone
     monkeypatch.setenv("QUANTGATE_CALIBRATION_DTYPE", "auto")
     default = calibration_tag(config, "fast")
     assert default == "fast/v" + default.split("/v")[1] and "/" not in default.split("/v")[1]
