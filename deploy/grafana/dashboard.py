@@ -114,6 +114,13 @@ def panels() -> list[dict]:
               [q(f"quantgate_registry_variants{{{M}}}", "{{model}} {{state}}")], "short", 0, 44),
         panel("Compression jobs", "Compression and evaluation jobs by state (running, succeeded, failed, "
               "interrupted by a restart).", [q("quantgate_registry_jobs", "{{state}}")], "short", 8, 44),
+        panel("Build progress", "Fraction done of each build's current phase (calibrating: decoder layers; "
+              "server/registry/progress.py). Present only while something builds.",
+              [q(f"quantgate_variant_build_progress_ratio{{{V}}}", "{{variant}} {{phase}}")], "percentunit", 16, 44,
+              min=0, max=1),
+        panel("Build ETA", "Time left in each build's current phase at the rate measured in it (given once 5 % "
+              "is done). Present only while something builds.",
+              [q(f"quantgate_variant_build_eta_seconds{{{V}}}", "{{variant}} {{phase}}")], "s", 0, 52),
     ]
     return out
 
