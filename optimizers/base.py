@@ -7,7 +7,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -90,3 +90,4 @@ class Artifact:
     engine_args: tuple[str, ...] = ()
     on_load: bool = False
     calibration_samples: int | None = None  # windows the method used, when fewer than it was given
+    details: dict[str, Any] | None = None  # what else the manifest should say (e.g. a pruned rung's sparsity)

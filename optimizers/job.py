@@ -122,6 +122,7 @@ def run_job(config: MethodConfig, source: Path, out: Path, profile: str, device:
             "model_path": str(source) if artifact.on_load else ".",
             "engine_args": list(artifact.engine_args),
             "size_bytes": None if artifact.on_load else checkpoint_bytes(tmp),
+            "details": artifact.details,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from optimizers import awq, bnb, drill, fp8, int4_ao, int4_gptq, int8, int8_wo
+from optimizers import awq, bnb, drill, fp8, int4_ao, int4_gptq, int8, int8_wo, prune
 from optimizers.base import Artifact, InvalidConfig, MethodConfig
 
 Handler = Callable[[Any, Path, Path, list[list[int]]], Artifact]
@@ -21,6 +21,8 @@ METHODS: dict[type[MethodConfig], Handler] = {
     awq.AwqConfig: awq.quantize,
     fp8.Fp8Config: fp8.quantize,
     bnb.BnbNf4Config: bnb.quantize_nf4,
+    prune.Prune2of4Config: prune.prune_2of4,
+    prune.PruneMagnitudeConfig: prune.prune_magnitude,
     drill.BrokenDrillConfig: drill.make,  # a deliberately broken rung: the gate's drill
 }
 # Listed so that asking for them gives the reason they are refused, not "unknown method".

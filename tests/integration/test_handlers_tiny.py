@@ -142,3 +142,45 @@ def test_calibration_mixes_prose_and_chat_and_never_touches_evaluation() -> None
     # Chat windows re-cast calibration prose only: no evaluation token sequence leaks in.
     eval_text = tokenizer.decode(plain.evaluation[0])
     assert all(eval_text[:200] not in tokenizer.decode(w) for w in mixed.calibration)
+
+
+def _weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_prune_2of4_zeroes_two_of_every_four_weights_of_the_decoder(tiny_llama: Path, tmp_path: Path) -> None:
+    manifest = _compress("prune-2of4", tiny_llama, tmp_path / "p24")
+    weights, source = _weights(tmp_path / "p24"), _weights(tiny_llama)
+    projections = [k for k in weights if k.endswith("_proj.weight")]
+    assert len(projections) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    for key in projections:
+        groups = weights[key].reshape(-1, 4)  # 4 consecutive input weights of an output row
+        assert bool(((groups == 0).sum(dim=1) >= 2).all()), key
+    # Embeddings, norms and (tied or not) lm_head stay as they were; the checkpoint keeps its dtype.
+    for key in weights:
+        if key not in projections:
+            assert weights[key].equal(source[key]), key
+        assert weights[key].dtype == source[key].dtype, key
+    details = manifest["details"]
+    assert details["pattern"] == "2:4" and details["decoder_linear_sparsity"] >= 0.5
+    assert details["format"].startswith("dense")
+    assert "quantization_config" not in json.loads((tmp_path / "p24" / "config.json").read_text())
+
+
+def test_prune_magnitude_zeroes_the_smallest_weights_of_each_decoder_linear(tiny_llama: Path, tmp_path: Path) -> None:
+    manifest = _compress("prune-magnitude", tiny_llama, tmp_path / "pm", config={"sparsity": 0.3})
+    weights, source = _weights(tmp_path / "pm"), _weights(tiny_llama)
+    for key, tensor in weights.items():
+        if not key.endswith("_proj.weight"):
+            assert tensor.equal(source[key]), key
+            continue
+        zeroed = tensor == 0
+        assert abs(float(zeroed.float().mean()) - 0.3) < 0.01, key
+        # Exactly the smallest: every zeroed weight was no larger in magnitude than every kept one.
+        original = source[key].abs()
+        assert float(original[zeroed].max()) <= float(original[~zeroed].min()), key
+    assert manifest["details"]["pattern"] == "unstructured"
+    assert abs(manifest["details"]["decoder_linear_sparsity"] - 0.3) < 0.01
+    assert manifest["calibration_samples"] == 0
