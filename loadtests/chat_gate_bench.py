@@ -170,8 +170,7 @@ async def main_async(args: argparse.Namespace) -> None:
         (args.out / f"{stem}.md").write_text(render(result))
 
     built: dict[str, tuple[Path, tuple[str, ...]]] = {"base": (base, ())}
-    made: dict[str, float | None] = {"base": None}
-    windows_used: dict[str, int | None] = {"base": None}
+    manifests: dict[str, dict] = {"base": {}}  # each recipe's job manifest (time to make, windows used)
     source_sha = sha256_file(find_bundled_gguf())
     for recipe in args.recipes:
         method, config = parse_recipe(recipe)
@@ -184,14 +183,12 @@ async def main_async(args: argparse.Namespace) -> None:
                 CompressionJob(method, base, out, profile=args.profile, config=tuple(config.items())),
                 settings.logs_dir / f"compress-{method}.log", timeout_s=args.timeout_s)  # fmt: skip
         built[recipe] = (Path(manifest["model_path"]) if manifest["on_load"] else out, tuple(manifest["engine_args"]))
-        made[recipe] = manifest.get("seconds_to_make")
-        windows_used[recipe] = manifest.get("calibration_samples")
+        manifests[recipe] = manifest
     for spec in args.broken:
         layer, scale = spec.split(":")
         broken = break_checkpoint(base, settings.home / "broken" / f"layer{layer}-x{scale}", int(layer), float(scale))
         built[f"broken:{spec}"] = (broken, ())
-        made[f"broken:{spec}"] = None
-        windows_used[f"broken:{spec}"] = None
+        manifests[f"broken:{spec}"] = {}
     for dtype in args.dtypes:
         dsettings = Settings(home=args.home, engine_dtype=dtype)
         base_ppl = base_chat = reference = None
@@ -212,8 +209,8 @@ async def main_async(args: argparse.Namespace) -> None:
                 "correct": chat.correct, "loops": chat.loops, "prompts": chat.prompts, "chat_s": round(chat_s, 1),
                 "decode_tok_s": [round(v, 2) for v in speeds], "ttft_ms": [round(v, 1) for v in ttfts],
                 "engine_rss_gib": None if rss is None else round(rss, 3),
-                "agreement": None if is_base else agreement(chat, base_chat), "seconds_to_make": made[recipe],
-                "calibration_samples": windows_used[recipe],
+                "agreement": None if is_base else agreement(chat, base_chat), "seconds_to_make": manifests[recipe].get("seconds_to_make"),
+                "calibration_samples": manifests[recipe].get("calibration_samples"),
                 "calibration_budget_s": calibration_budget_s(),
                 # what the job computed in: forced, or this CPU's default ("auto": the checkpoint's dtype)
                 "calibration_dtype": calibration_dtype_name(),

@@ -101,8 +101,8 @@ class LayerProgress:
                 self._started = now
             elif self.first_layer_s is None:
                 self.first_layer_s = now - self._started
-                projected = self.first_layer_s * self.layers
-                if self.budget_s is not None and projected > self.budget_s:
+                projected = self.projected_s()
+                if self.budget_s is not None and projected is not None and projected > self.budget_s:
                     raise OverBudget(self.first_layer_s, projected, self.windows)
             self.current, self.calls = index, 0
         elif index < self.current:

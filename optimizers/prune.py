@@ -69,7 +69,8 @@ def prune_magnitude(config: PruneMagnitudeConfig, source: Path, out: Path, calib
 
 
 def _is_decoder_linear(name: str) -> bool:
-    parts = name.split(".")
+    """A decoder layer's projection, by module name (`model.layers.3.mlp.up_proj`) or by its weight's key."""
+    parts = name.removesuffix(".weight").split(".")
     return "layers" in parts and parts[-1].endswith("_proj")
 
 
@@ -84,7 +85,7 @@ def decoder_sparsity(path: Path) -> dict[str, Any]:
                 tensor = handle.get_tensor(key)
                 z, n = int((tensor == 0).sum()), tensor.numel()
                 all_zeros, all_total = all_zeros + z, all_total + n
-                if key.endswith("_proj.weight") and ".layers." in key:
+                if key.endswith(".weight") and _is_decoder_linear(key):
                     zeros, total = zeros + z, total + n
     return {"decoder_linear_sparsity": round(zeros / total, 4) if total else 0.0,
             "checkpoint_sparsity": round(all_zeros / all_total, 4) if all_total else 0.0}  # fmt: skip
