@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -66,6 +66,9 @@ class Gateway:
         self.load = load
         self.observations = Observations(metrics, book)
         self.in_flight: Counter[str] = Counter()
+        # Of those, the streams with no first token yet, and their prompt tokens (EngineLoad.prefilling)
+        self.prefilling: Counter[str] = Counter()
+        self.prefill_tokens: Counter[str] = Counter()
         self.admissions = Admissions()
         self._routers: dict[str, Router] = {}
         self._concentrators: dict[str, Concentrator] = {}
@@ -150,7 +153,7 @@ class Gateway:
             where = device.get(variant.id, "")
             peers = busy[where] - self._busy(variant.id) if where else 0
             load = EngineLoad(self.in_flight[variant.id], gauges.running, gauges.waiting, gauges.kv_usage, peers,
-                              where)  # fmt: skip
+                              where, self.prefilling[variant.id], self.prefill_tokens[variant.id])  # fmt: skip
             latency = self.book.get(variant.id)
             prediction = None
             if latency is not None:
@@ -280,7 +283,8 @@ class Gateway:
             url = f"{engine.base_url}{request.path}"
             try:
                 if request.stream:
-                    return await self._stream(call, url, upstream, headers, engine.auth_headers)
+                    return await self._stream(call, url, upstream, headers, engine.auth_headers,
+                                              plan.features.prompt_tokens)  # fmt: skip
                 return await self._complete(call, url, upstream, headers, watch, engine.auth_headers)
             except EngineUnavailable as exc:  # nothing reached the client yet: the next one may serve
                 logger.warning("%s failed before the first byte: %s", variant.id, exc)
@@ -309,16 +313,19 @@ class Gateway:
         return Answer(data, headers)
 
     async def _stream(self, call: Call, url: str, body: dict[str, Any], headers: dict[str, str],
-                      auth: Mapping[str, str]) -> Streamed:  # fmt: skip
+                      auth: Mapping[str, str], prompt_tokens: int) -> Streamed:  # fmt: skip
         # In flight from the moment it is sent: a burst routed before the engine answers must see it.
         device, seq = self._enter(call)
+        prefilled = self._prefilling(call.variant.id, prompt_tokens)
         try:
             upstream = await self.engines.open_stream(call.variant.id, url, body, auth)
         except BaseException:
+            prefilled()
             self._leave(call.variant.id)
             raise
 
         def on_close(timing: StreamTiming) -> None:
+            prefilled()
             self._leave(call.variant.id)
             status = "200" if timing.completed else str(CLIENT_CLOSED)
             self.metrics.requests.labels(**call.request_labels, status=status).inc()
@@ -336,7 +343,8 @@ class Gateway:
                                                         alone(device, seq, timing.first_chunk),
                                                         alone(device, seq)))  # fmt: skip
 
-        return Streamed(relay(upstream, StreamTiming(started=call.started), on_close, self.drain.cut),
+        return Streamed(relay(upstream, StreamTiming(started=call.started, on_first=prefilled), on_close,
+                              self.drain.cut),
                         {**headers, "cache-control": "no-cache"})
 
     def _enter(self, call: Call) -> tuple[str, int]:
@@ -346,6 +354,22 @@ class Gateway:
         self.metrics.in_flight.labels(variant_id).inc()
         device = call.raw.device if call.raw is not None else variant_id
         return device, self.admissions.admit(device, time.perf_counter())
+
+    def _prefilling(self, variant_id: str, prompt_tokens: int) -> Callable[[], None]:
+        """Count a stream as prefilling on its engine until the returned callable is first called (at its
+        first chunk, or at its end if none came)."""
+        self.prefilling[variant_id] += 1
+        self.prefill_tokens[variant_id] += prompt_tokens
+        done = False
+
+        def prefilled() -> None:
+            nonlocal done
+            if not done:
+                done = True
+                self.prefilling[variant_id] -= 1
+                self.prefill_tokens[variant_id] -= prompt_tokens
+
+        return prefilled
 
     def _leave(self, variant_id: str) -> None:
         self.in_flight[variant_id] -= 1

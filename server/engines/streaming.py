@@ -24,11 +24,14 @@ class StreamTiming:
     gaps: list[float] = field(default_factory=list)
     usage: dict | None = None
     completed: bool = False
+    on_first: Callable[[], None] | None = None  # called at the first chunk
     _last: float | None = None
 
     def chunk(self, now: float, data: bytes) -> None:
         if self.first_chunk is None:
             self.first_chunk = now
+            if self.on_first is not None:
+                self.on_first()
         elif self._last is not None:
             self.gaps.append(now - self._last)
         self._last = now

@@ -1,6 +1,7 @@
 """Latency prediction per variant: priors from a profiling run, corrected online.
 
-    TTFT = (prefill(prompt) + queued prefills + one decode step of the running batch)
+    TTFT = (prefill(prompt) + a share of the prompt tokens still prefilling ahead + whole prefills for
+            requests queued beyond those + one decode step of the decoding batch)
            * (1 + busy engines sharing the device) * ttft_scale [* load_ttft_scale under load]
     TPOT = step_time(batch the request joins) * (1 + busy engines sharing the device)
            * tpot_scale [* load_tpot_scale under load]
@@ -44,6 +45,12 @@ RATIO_BOUNDS = (0.1, 10.0)  # one odd observation moves a scale at most this far
 # not something to fold in; load is modelled, so its residual may be larger.
 IDLE_SCALE_BOUNDS = (1 / 3, 3.0)
 LOAD_SCALE_BOUNDS = (0.25, 4.0)
+# What one prompt token of a stream still prefilling ahead of a request adds to its TTFT, as a share
+# of what one of its own prompt tokens costs: 0.24-0.44 by least squares over every pinned run on one
+# H100 (loadtests/results/2026-12-07/predictor-ttft.md). Below 1: the engine batches the prefills, its
+# per-token prior includes what happens once per request's tokens (tokenising), and those ahead are
+# part done when this one arrives.
+AHEAD_PREFILL_SHARE = 0.35
 
 
 class RawPrediction(NamedTuple):
@@ -97,12 +104,23 @@ class VariantLatency:
     observations: int = 0
 
     def raw(self, prompt_tokens: int, output_tokens: int, load: EngineLoad) -> tuple[float, float]:
-        """Uncorrected (TTFT, TPOT) in ms for a request joining `load`."""
+        """Uncorrected (TTFT, TPOT) in ms for a request joining `load`.
+
+        Ahead of its first token: the prefills of the streams the gateway has sent this engine and seen
+        no first token of (the engine's chunked prefill batches them with this one, and they are part
+        done: each of their prompt tokens costs AHEAD_PREFILL_SHARE of one of this prompt's), whole
+        prefills for the requests the engine reports waiting beyond those, and a decode step of the
+        requests decoding. The engine's `waiting` is a scrape up to a second old: counted alone, as
+        before, one scrape that caught arrivals priced every request until the next, and the prefills
+        the gateway could see went unpriced (loadtests/results/2026-12-07/predictor-ttft.md)."""
         waiting = load.waiting
         running = max(load.running, load.in_flight - waiting)
-        ttft = self.priors.prefill(prompt_tokens) * (1 + waiting)
-        if running:
-            ttft += self.priors.step(running)
+        queued = max(waiting - load.prefilling, 0)
+        decoding = max(load.in_flight - load.prefilling - queued, load.running - load.prefilling, 0)
+        ttft = self.priors.prefill(prompt_tokens) * (1 + queued)
+        ttft += AHEAD_PREFILL_SHARE * self.priors.prefill_per_token_ms * load.prefill_tokens
+        if decoding:
+            ttft += self.priors.step(decoding)
         # Busy engines on one device time-share it: each gets about 1/k of the compute.
         share = 1 + load.device_peers_busy
         return ttft * share, self.priors.step(running + waiting + 1) * share

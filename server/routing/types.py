@@ -51,6 +51,10 @@ class EngineLoad:
     # this engine was profiled with alone.
     device_peers_busy: int = 0
     device: str = ""  # the device group (EngineStatus.device); "" when unknown
+    # Of `in_flight`, the streamed requests that have had no first token yet, and their prompt tokens (the
+    # gateway sees each stream's first chunk, so this is never a scrape old): prefills this one waits behind.
+    prefilling: int = 0
+    prefill_tokens: int = 0
 
     @property
     def queue(self) -> int:

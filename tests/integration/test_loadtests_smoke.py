@@ -4,12 +4,13 @@ its headline and its plots are written. Checks the harness works, not how fast a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from loadtests import bench, harness
+from loadtests import bench, harness, predictor_ttft
 from tests.fakes.fleet import fake_fleet
 from tests.integration.gateway_process import ADMIN_KEY, API_KEY
 
@@ -28,6 +29,24 @@ def test_trace_is_seeded_and_scales_with_the_rate() -> None:
     assert {r.tier for r in one} <= {"default", "priority", "flex"}
     assert all(1 <= r.max_tokens <= spec.output_max for r in one)
     assert harness.percentile([1, 2, 3, 4], 0.5) == 2 and harness.percentile([], 0.5) is None
+
+
+def test_predictor_ttft_rebuilds_what_was_prefilling_ahead_of_each_request() -> None:
+    """loadtests.predictor_ttft: a request sent while another stream of the same engine had no first token
+    finds that stream's prompt tokens ahead; one sent after it had its first token finds it decoding."""
+    spec = harness.TraceSpec(requests=4, seed=5)
+    trace = harness.make_trace(spec)
+
+    def result(index: int, sent_at: float, ttft_ms: float, e2e_ms: float) -> dict:
+        return {"index": index, "variant": "m@int8", "sent_at": sent_at, "ttft_ms": ttft_ms, "e2e_ms": e2e_ms,
+                "predicted_ttft_ms": ttft_ms}  # fmt: skip
+
+    run = {"seed": 5, "scenario": "pin:int8", "load": 1.0,
+           "results": [result(0, 0.0, 100, 1000), result(1, 0.05, 100, 500), result(2, 0.5, 50, 200)]}  # fmt: skip
+    rows = predictor_ttft.states({"trace": dataclasses.asdict(spec)}, run)
+    assert rows[0].tolist() == [100, 100, trace[0].prompt_tokens, 0, 0]
+    assert rows[1].tolist() == [100, 100, trace[1].prompt_tokens, trace[0].prompt_tokens, 0]
+    assert rows[2].tolist() == [50, 50, trace[2].prompt_tokens, 0, 2]
 
 
 SCENARIOS = (*bench.SCENARIOS, "singles")

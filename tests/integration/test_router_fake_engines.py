@@ -196,13 +196,37 @@ def test_routing_metrics_and_the_openai_client_with_fake_engines(fleet: FakeFlee
 
 
 def _open_streams(stack: contextlib.ExitStack, gateway_url: str, model: str, count: int,
-                  max_tokens: int = 200) -> None:
+                  max_tokens: int = 200, messages: list[dict] = HELLO) -> None:
     """`count` streamed chats to `model` held open (headers received) until `stack` closes."""
     http = stack.enter_context(httpx.Client(timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}))
     for _ in range(count):
         response = stack.enter_context(http.stream("POST", f"{gateway_url}/v1/chat/completions", json={
-            "model": model, "messages": HELLO, "max_tokens": max_tokens, "stream": True}))  # fmt: skip
+            "model": model, "messages": messages, "max_tokens": max_tokens, "stream": True}))  # fmt: skip
         assert response.status_code == 200
+
+
+def test_streams_before_their_first_token_are_prefills_ahead_with_fake_engines(fleet: FakeFleet) -> None:
+    """The gateway counts a stream it has sent and seen no first token of as a prefill ahead of the next
+    request on that engine (its prompt tokens too), and stops at the first token while it still decodes."""
+
+    def load() -> dict:
+        rows = admin(fleet.gateway, "GET", "/admin/routing/fake").json()["variants"]
+        return next(r["load"] for r in rows if r["variant"] == "fake@bf16")
+
+    long = [{"role": "user", "content": "word " * 800}]  # about 1,000 prompt tokens by the gateway's estimate
+    fleet.configure("fake@bf16", prefill_ms_per_token=3.0)  # ~3 s to the first token
+    try:
+        with contextlib.ExitStack() as stack:
+            _open_streams(stack, fleet.gateway.url, "fake@bf16", 2, max_tokens=300, messages=long)  # 12 s decoding
+            before = load()
+            assert before["in_flight"] == 2 and before["prefilling"] == 2, before
+            assert 2 * 900 <= before["prefill_tokens"] <= 2 * 1200, before
+            assert wait_for(lambda: load()["prefilling"] == 0, 15, 0.1), load()
+            after = load()
+            assert after["in_flight"] == 2 and after["prefill_tokens"] == 0, after
+    finally:
+        fleet.configure("fake@bf16", prefill_ms_per_token=0.0)
+    assert wait_for(lambda: load()["in_flight"] == 0, 15, 0.2), load()
 
 
 def test_overload_is_a_429_with_retry_after_before_the_engine_with_fake_engines(fleet: FakeFleet) -> None:

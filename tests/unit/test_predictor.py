@@ -9,8 +9,8 @@ from server.errors import InvalidRequest
 from server.catalog import Variant
 from server.metrics import GatewayMetrics
 from server.observations import Call, Observations, Observed
-from server.routing.predictor import (Admissions, CompletionLengths, LatencyBook, LatencyPriors, RawPrediction,
-                                      VariantLatency)  # fmt: skip
+from server.routing.predictor import (AHEAD_PREFILL_SHARE, Admissions, CompletionLengths, LatencyBook, LatencyPriors,
+                                      RawPrediction, VariantLatency)  # fmt: skip
 from server.routing.types import Budget, Decision, EngineLoad
 
 PRIORS = LatencyPriors(prefill_fixed_ms=40, prefill_per_token_ms=0.5, step_ms=((1, 30.0), (4, 40.0), (16, 100.0)))
@@ -37,6 +37,21 @@ def test_load_makes_it_slower() -> None:
     assert busy.e2e_ms > idle.e2e_ms and busy.idle_e2e_ms == pytest.approx(idle.e2e_ms)
     # The gateway's own in-flight count stands in for a stale scrape.
     assert latency.predict(100, 11, EngineLoad(in_flight=4)).tpot_ms == pytest.approx(PRIORS.step(5))
+
+
+def test_streams_still_prefilling_ahead_are_priced_by_their_prompt_tokens() -> None:
+    """Streams with no first token yet (the gateway's count) cost a share of their prompt tokens' prefill,
+    not a whole prefill each, and are not counted again as decoding or as the engine's (older) waiting."""
+    latency = VariantLatency(PRIORS)
+    ahead = EngineLoad(in_flight=3, running=1, waiting=2, prefilling=2, prefill_tokens=600)
+    ttft, tpot = latency.raw(100, 11, ahead)
+    assert ttft == pytest.approx(90 + AHEAD_PREFILL_SHARE * 0.5 * 600 + PRIORS.step(1))
+    assert tpot == pytest.approx(PRIORS.step(4))
+    # The engine reports more waiting than the gateway has streams prefilling: the rest are whole prefills.
+    queued = EngineLoad(in_flight=4, waiting=3, prefilling=1, prefill_tokens=100)
+    assert latency.raw(100, 11, queued)[0] == pytest.approx(90 * 3 + AHEAD_PREFILL_SHARE * 0.5 * 100 + PRIORS.step(1))
+    # Nothing prefilling: the engine's gauges as before.
+    assert latency.raw(100, 11, EngineLoad(running=4, waiting=2))[0] == pytest.approx(90 * 3 + 40)
 
 
 def test_online_correction_converges_to_the_observed_ratio() -> None:
