@@ -53,6 +53,13 @@ SCENARIOS = (*bench.SCENARIOS, "singles")
 EXPANDED = (*bench.SCENARIOS, "pin:bf16", "pin:int8")  # "singles": every ready variant pinned
 
 
+def test_scenario_order_rotates_so_none_always_runs_last() -> None:
+    orders = [bench.rotated(["pin:a", "pin:b", "router"], i) for i in range(3)]
+    assert orders[0] == ["pin:a", "pin:b", "router"]
+    assert {o[-1] for o in orders} == {"pin:a", "pin:b", "router"}
+    assert all(sorted(o) == sorted(orders[0]) for o in orders)
+
+
 def test_least_loaded_picks_the_variant_with_fewest_requests_in_flight() -> None:
     pick = bench.model_for("least-loaded", "m", "m@bf16", "m@int8", ["m@bf16", "m@int8"])
     first, second, third = pick(None), pick(None), pick(None)
@@ -101,8 +108,10 @@ def test_bench_runs_every_scenario_and_load_and_writes_its_report(tmp_path: Path
     # Budgets from the base's idle latency measured by the bench: the fake's 30 ms TTFT and 20 ms per token.
     fit = report["idle_fits"]["smoke@bf16"]
     assert 15 <= fit["itl_ms"] <= 60 and fit["samples"] == 6
+    cells = [(seed, load) for seed in (0, 1) for load in (0.5, 1.0)]  # each runs every scenario, in turn first
     assert [(r["seed"], r["load"], r["scenario"]) for r in report["runs"]] == \
-        [(seed, load, s) for seed in (0, 1) for load in (0.5, 1.0) for s in EXPANDED]  # fmt: skip
+        [(seed, load, s) for i, (seed, load) in enumerate(cells) for s in bench.rotated(list(EXPANDED), i)]  # fmt: skip
+    assert [r["scenario"] for r in report["runs"]][:: len(EXPANDED)] == list(EXPANDED[:4])
     assert report["warmup_s"] == 0.5
     for run in report["runs"]:
         assert run["errors"] == 0, run["error_statuses"]
