@@ -35,8 +35,8 @@ beat it (the shared-device router issue). So, per model and device group:
                accurate, is worth at least as much) in every evaluation of the last `confirm_s` and
                the active one has held for `min_dwell_s` (at once if it stops serving, or if the gain is `urgent_gain` or
                more: e.g. it saturates while another would keep up, or the traffic jumped from a
-               trickle the dwell was started on). A switch is not free: the old rung's requests
-               decode beside the new rung's until they finish
+               trickle the dwell was started on; but never straight back to the rung it just left). A
+               switch is not free: the old rung's requests decode beside the new rung's until they finish
 
 The router then treats the other rungs of that device as standby: they take a request only when
 their engine and the whole device are idle and the traffic expected during that request, at the
@@ -123,6 +123,7 @@ class DeviceRegime:
     reason: str = ""
     challenger: str | None = None  # the rung ahead of the active one by the hysteresis, not yet switched to
     challenger_since: float = 0.0
+    left: str | None = None  # the rung active before this one
 
     def recommend(self, margin: float) -> dict:
         """The rungs worth keeping resident on this device for the traffic seen: the active one, and any
@@ -321,7 +322,8 @@ class Concentrator:
         what = f"at {rate:.2f} req/s, predicted budgets met if it took them all: {summary}"
         if current is None:
             return DeviceRegime(device, best.variant_id, now, switches + (previous is not None), rate,
-                                tuple(outlooks), f"{best.variant_id} has the best value {what}")  # fmt: skip
+                                tuple(outlooks), f"{best.variant_id} has the best value {what}",
+                                left=previous.active if previous else None)  # fmt: skip
         held = now - previous.since  # type: ignore[union-attr]
         gain = best.value - current.value
         if best.variant_id == current.variant_id or gain <= self.config.hysteresis:
@@ -334,19 +336,26 @@ class Concentrator:
                         and accuracy[o.variant_id] < accuracy[current.variant_id]]  # fmt: skip
             if not upgrades:
                 return DeviceRegime(device, current.variant_id, previous.since, switches, rate,  # type: ignore[union-attr]
-                                    tuple(outlooks), f"{current.variant_id} stays active {what}")
+                                    tuple(outlooks), f"{current.variant_id} stays active {what}",
+                                    left=previous.left)  # type: ignore[union-attr]  # fmt: skip
             best = min(upgrades, key=lambda o: accuracy[o.variant_id])
             gain = best.value - current.value
             beat = f"is as good as {current.variant_id} and more accurate (value {gain:+.2f})"
         else:
             beat = f"beat {current.variant_id} by {gain:.2f}"
         since = previous.challenger_since if previous.challenger == best.variant_id else now  # type: ignore[union-attr]
-        if gain >= self.config.urgent_gain or (held >= self.config.min_dwell_s and now - since >= self.config.confirm_s):
+        # An urgent gain skips the dwell, but not straight back to the rung just left: on a 2-core CPU at
+        # 1.5x, two rungs on either side of their predicted saturation traded places every 1-3 s, each move
+        # an "urgent" gain of 0.2-1.2 (loadtests/results/2026-12-07/bench-cpu-4b956f3.md).
+        back = best.variant_id == previous.left and held < self.config.min_dwell_s  # type: ignore[union-attr]
+        urgent = gain >= self.config.urgent_gain and not back
+        if urgent or (held >= self.config.min_dwell_s and now - since >= self.config.confirm_s):
             return DeviceRegime(device, best.variant_id, now, switches + 1, rate, tuple(outlooks),
-                                f"{best.variant_id} {beat} {what}")
+                                f"{best.variant_id} {beat} {what}", left=current.variant_id)
         return DeviceRegime(device, current.variant_id, previous.since, switches, rate,  # type: ignore[union-attr]
                             tuple(outlooks), f"{current.variant_id} stays active, {best.variant_id} ahead by "
-                            f"{gain:.2f} for {now - since:.1f} s, {what}", best.variant_id, since)  # fmt: skip
+                            f"{gain:.2f} for {now - since:.1f} s, {what}", best.variant_id, since,
+                            previous.left)  # type: ignore[union-attr]  # fmt: skip
 
 
 def chance(prediction: Prediction, budget: Budget, spread_ttft: float, spread: float) -> float:

@@ -1,7 +1,7 @@
 """Latency prediction per variant: priors from a profiling run, corrected online.
 
-    TTFT = (prefill(prompt) + a share of the prompt tokens still prefilling ahead + whole prefills for
-            requests queued beyond those + one decode step of the decoding batch)
+    TTFT = (prefill(prompt) + whole prefills for the requests queued + a share of the prompt tokens
+            of the streams still prefilling ahead + one decode step of the decoding batch)
            * (1 + busy engines sharing the device) * ttft_scale [* load_ttft_scale under load]
     TPOT = step_time(batch the request joins) * (1 + busy engines sharing the device)
            * tpot_scale [* load_tpot_scale under load]
@@ -106,19 +106,21 @@ class VariantLatency:
     def raw(self, prompt_tokens: int, output_tokens: int, load: EngineLoad) -> tuple[float, float]:
         """Uncorrected (TTFT, TPOT) in ms for a request joining `load`.
 
-        Ahead of its first token: the prefills of the streams the gateway has sent this engine and seen
-        no first token of (the engine's chunked prefill batches them with this one, and they are part
-        done: each of their prompt tokens costs AHEAD_PREFILL_SHARE of one of this prompt's), whole
-        prefills for the requests the engine reports waiting beyond those, and a decode step of the
-        requests decoding. The engine's `waiting` is a scrape up to a second old: counted alone, as
-        before, one scrape that caught arrivals priced every request until the next, and the prefills
-        the gateway could see went unpriced (loadtests/results/2026-12-07/predictor-ttft.md)."""
+        Ahead of its first token: a whole prefill for each request the engine reports waiting (for a
+        slot), the prefills of the other streams the gateway has sent this engine and seen no first
+        token of (the engine's chunked prefill batches them with this one, and they are part done: each
+        of their prompt tokens costs AHEAD_PREFILL_SHARE of one of this prompt's), and a decode step of
+        the requests decoding. Before, those streams counted as decoding and their prefills went
+        unpriced (loadtests/results/2026-12-07/predictor-ttft.md)."""
         waiting = load.waiting
         running = max(load.running, load.in_flight - waiting)
-        queued = max(waiting - load.prefilling, 0)
-        decoding = max(load.in_flight - load.prefilling - queued, load.running - load.prefilling, 0)
-        ttft = self.priors.prefill(prompt_tokens) * (1 + queued)
-        ttft += AHEAD_PREFILL_SHARE * self.priors.prefill_per_token_ms * load.prefill_tokens
+        # The streams without a first token that the engine does not report waiting are being prefilled;
+        # those it reports waiting (for a slot) cost a whole prefill each, as before.
+        prefilling = max(load.prefilling - waiting, 0)
+        ahead_tokens = load.prefill_tokens * prefilling / load.prefilling if load.prefilling else 0.0
+        decoding = max(running - prefilling, 0)
+        ttft = self.priors.prefill(prompt_tokens) * (1 + waiting)
+        ttft += AHEAD_PREFILL_SHARE * self.priors.prefill_per_token_ms * ahead_tokens
         if decoding:
             ttft += self.priors.step(decoding)
         # Busy engines on one device time-share it: each gets about 1/k of the compute.

@@ -10,7 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from server.catalog import Variant
-from server.routing.concentrate import Concentrator, SharedDeviceConfig, device_priced, standby_map
+from server.routing.concentrate import (Concentrator, DeviceRegime, RungOutlook, SharedDeviceConfig, device_priced,
+                                        standby_map)  # fmt: skip
 from server.routing.config import RoutingConfig
 from server.routing.predictor import LatencyPriors, VariantLatency
 from server.routing.router import Router
@@ -430,6 +431,29 @@ def test_a_more_accurate_rung_as_good_as_the_active_one_takes_over_and_never_fla
     for k in range(1, 20):
         c.evaluate(rungs, predict2, t + 2 + k)
     assert c.active("gpu-0") == fine.id and c.regimes["gpu-0"].switches == 1
+
+
+def test_an_urgent_gain_never_goes_straight_back_to_the_rung_just_left() -> None:
+    # On a 2-core CPU at 1.5x, bf16 and int8 sat on either side of their predicted saturation and traded
+    # places every 1-3 s, each move an urgent gain. Back to the rung just left takes the dwell like any switch;
+    # an urgent gain towards any other rung still skips it.
+    base = Variant("m", "bf16", "base", 16, ppl_delta=0.0)
+    int8 = Variant("m", "int8", "int8", 8, ppl_delta=0.02)
+    int4 = Variant("m", "int4", "int4-gptq", 4, ppl_delta=0.05)
+    c = Concentrator(SharedDeviceConfig(min_dwell_s=10, confirm_s=2, urgent_gain=0.2))
+    c.regimes["cpu"] = DeviceRegime("cpu", base.id, 90.0, 3, 1.2, left=int8.id)  # bf16 just took over from int8
+
+    def outlooks(**values: float) -> list[RungOutlook]:
+        return [RungOutlook(f"m@{name}", None, 0.0, value) for name, value in values.items()]
+
+    c.regimes["cpu"] = c._choose("cpu", [base, int8, int4], outlooks(bf16=-2.1, int8=-0.9, int4=-3.0), 1.6, 93.0)
+    assert c.active("cpu") == base.id and c.regimes["cpu"].challenger == int8.id  # gain 1.2, but it is going back
+    c.regimes["cpu"] = c._choose("cpu", [base, int8, int4], outlooks(bf16=-2.1, int8=-0.9, int4=-3.0), 1.6, 100.5)
+    assert c.active("cpu") == int8.id and c.regimes["cpu"].left == base.id  # dwell held and confirmed: switched
+    c.regimes["cpu"] = c._choose("cpu", [base, int8, int4], outlooks(bf16=0.1, int8=-0.9, int4=-0.5), 1.0, 101.0)
+    assert c.active("cpu") == int8.id  # bf16 is where it just came from: no urgent way back
+    c.regimes["cpu"] = c._choose("cpu", [base, int8, int4], outlooks(bf16=-2.0, int8=-0.9, int4=0.1), 1.0, 101.5)
+    assert c.active("cpu") == int4.id and c.regimes["cpu"].switches == 5  # urgent, and not back: at once
 
 
 def _regime_on(c: Concentrator, rungs, predict_fn):

@@ -40,16 +40,17 @@ def test_load_makes_it_slower() -> None:
 
 
 def test_streams_still_prefilling_ahead_are_priced_by_their_prompt_tokens() -> None:
-    """Streams with no first token yet (the gateway's count) cost a share of their prompt tokens' prefill,
-    not a whole prefill each, and are not counted again as decoding or as the engine's (older) waiting."""
+    """Streams with no first token yet (the gateway's count) that the engine has taken cost a share of their
+    prompt tokens' prefill, not a decode slot; those the engine reports waiting for a slot still cost a whole
+    prefill each."""
     latency = VariantLatency(PRIORS)
-    ahead = EngineLoad(in_flight=3, running=1, waiting=2, prefilling=2, prefill_tokens=600)
+    ahead = EngineLoad(in_flight=3, running=3, prefilling=2, prefill_tokens=600)
     ttft, tpot = latency.raw(100, 11, ahead)
     assert ttft == pytest.approx(90 + AHEAD_PREFILL_SHARE * 0.5 * 600 + PRIORS.step(1))
     assert tpot == pytest.approx(PRIORS.step(4))
-    # The engine reports more waiting than the gateway has streams prefilling: the rest are whole prefills.
-    queued = EngineLoad(in_flight=4, waiting=3, prefilling=1, prefill_tokens=100)
-    assert latency.raw(100, 11, queued)[0] == pytest.approx(90 * 3 + AHEAD_PREFILL_SHARE * 0.5 * 100 + PRIORS.step(1))
+    # Of 4 streams without a first token (400 prompt tokens), the engine reports 3 waiting for a slot.
+    queued = EngineLoad(in_flight=5, running=2, waiting=3, prefilling=4, prefill_tokens=400)
+    assert latency.raw(100, 11, queued)[0] == pytest.approx(90 * 4 + AHEAD_PREFILL_SHARE * 0.5 * 100 + PRIORS.step(1))
     # Nothing prefilling: the engine's gauges as before.
     assert latency.raw(100, 11, EngineLoad(running=4, waiting=2))[0] == pytest.approx(90 * 3 + 40)
 
