@@ -31,7 +31,9 @@ beat it (the shared-device router issue). So, per model and device group:
                        requests per second r completes at any concurrency it was profiled at,
                        prefill included), so that when every rung saturates the one that drains
                        fastest is active, not the most accurate
-      active = the rung of the highest value, kept until another beats it by `hysteresis` (or, more
+      active = the rung of the highest value (never one that another rung of the device beats on both
+               counts: more accurate, and predicted no slower for the window's mean request at every
+               profiled batch), kept until another beats it by `hysteresis` (or, more
                accurate, is worth at least as much) in every evaluation of the last `confirm_s` and
                the active one has held for `min_dwell_s` (at once if it stops serving, or if the gain is `urgent_gain` or
                more: e.g. it saturates while another would keep up, or the traffic jumped from a
@@ -210,7 +212,43 @@ class Concentrator:
         for device, variants in by_device.items():
             outlooks = [o for o in (self._outlook(v, rate, sample, predict, largest_batch) for v in variants)
                         if o is not None]  # fmt: skip
-            self.regimes[device] = self._choose(device, variants, outlooks, rate, now)
+            dominated = self._dominated(variants, sample, predict, largest_batch)
+            self.regimes[device] = self._choose(device, variants, outlooks, rate, now, dominated)
+
+    @staticmethod
+    def _dominated(variants: Sequence[Variant], sample: list[RequestFeatures], predict: Predict,
+                   largest_batch: LargestBatch | None = None) -> dict[str, str]:  # fmt: skip
+        """The rungs another rung of the device beats on both counts, each with that rung: more accurate, and
+        predicted no slower for the window's mean request alone and at every batch both were profiled at.
+        They are never made active, whatever their outlook: on a 2-core AVX2 CPU int8 decoded 3.3x slower
+        than bf16 at +3.6% ppl, yet its cheaper prefill per token ranked it ahead whenever bf16 neared its
+        predicted saturation (loadtests/results/2026-12-07/bench-cpu-4b956f3.md)."""
+        if not sample:
+            return {}
+        prompt = round(sum(f.prompt_tokens for f in sample) / len(sample))
+        output = round(sum(f.output_tokens for f in sample) / len(sample))
+        curves: dict[str, tuple[int, list[float]]] = {}
+        for variant in variants:
+            largest = (largest_batch(variant.id) if largest_batch else None) or 64
+            e2e = []
+            for batch in (0, 4, 16, 64):
+                prediction = predict(variant.id, prompt, output, EngineLoad(running=batch))
+                if prediction is None:
+                    break
+                e2e.append(prediction.e2e_ms)
+            else:
+                curves[variant.id] = (largest, e2e)
+        dominated = {}
+        for loser in variants:
+            for winner in variants:
+                if loser.id not in curves or winner.id not in curves or accuracy_key(winner) >= accuracy_key(loser):
+                    continue
+                within = [i for i, batch in enumerate((0, 4, 16, 64))
+                          if batch <= min(curves[loser.id][0], curves[winner.id][0])]  # fmt: skip
+                if within and all(curves[winner.id][1][i] <= curves[loser.id][1][i] for i in within):
+                    dominated[loser.id] = winner.id
+                    break
+        return dominated
 
     def _trim(self, now: float) -> None:
         while self.arrivals and now - self.arrivals[0].at > self.config.window_s:
@@ -310,16 +348,20 @@ class Concentrator:
             n = min(n * 2, top)
 
     def _choose(self, device: str, variants: list[Variant], outlooks: list[RungOutlook], rate: float,
-                now: float) -> DeviceRegime:  # fmt: skip
+                now: float, dominated: Mapping[str, str] | None = None) -> DeviceRegime:  # fmt: skip
         previous = self.regimes.get(device)
         accuracy = {v.id: accuracy_key(v) for v in variants}
         if not outlooks:
             return DeviceRegime(device, None, now, previous.switches if previous else 0, rate, (), "no rung has priors")
-        best = min(outlooks, key=lambda o: (-o.value, accuracy[o.variant_id]))
-        current = next((o for o in outlooks if previous and o.variant_id == previous.active), None)
+        dominated = dominated or {}
+        eligible = [o for o in outlooks if o.variant_id not in dominated] or outlooks
+        best = min(eligible, key=lambda o: (-o.value, accuracy[o.variant_id]))
+        current = next((o for o in eligible if previous and o.variant_id == previous.active), None)
         switches = previous.switches if previous else 0
         summary = ", ".join(f"{o.variant_id.split('@')[-1]} {o.attainment:.0%}" for o in outlooks)
         what = f"at {rate:.2f} req/s, predicted budgets met if it took them all: {summary}"
+        if previous is not None and previous.active in dominated:
+            what += f"; {previous.active} is slower than {dominated[previous.active]} and less accurate"
         if current is None:
             return DeviceRegime(device, best.variant_id, now, switches + (previous is not None), rate,
                                 tuple(outlooks), f"{best.variant_id} has the best value {what}",
@@ -332,7 +374,7 @@ class Concentrator:
             # capacity burst and kept at 0.25x and 1.0x, where FP8 was predicted as good (and measured better)
             # at half INT8's ppl delta (loadtests/results/2026-12-07/router-h100-8e90486.md). It cannot flap:
             # going back to the less accurate rung takes a gain beyond the hysteresis.
-            upgrades = [o for o in outlooks if o.value >= current.value
+            upgrades = [o for o in eligible if o.value >= current.value
                         and accuracy[o.variant_id] < accuracy[current.variant_id]]  # fmt: skip
             if not upgrades:
                 return DeviceRegime(device, current.variant_id, previous.since, switches, rate,  # type: ignore[union-attr]

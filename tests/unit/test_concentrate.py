@@ -406,11 +406,13 @@ def test_a_challenger_must_stay_ahead_for_the_confirmation_time() -> None:
 def test_a_more_accurate_rung_as_good_as_the_active_one_takes_over_and_never_flaps_back() -> None:
     # On one H100, INT8 was made active under the bench's capacity burst (predicted 55% of budgets vs FP8's
     # 50%) and then kept through 0.25x and 1.0x, where FP8 was predicted as good (76% each) and had half
-    # INT8's ppl delta: the router lost to pin:fp8 on both goodput and quality. Two rungs of equal speed here.
+    # INT8's ppl delta: the router lost to pin:fp8 on both goodput and quality. Two rungs of equal speed here,
+    # but for FP8's largest batch (so that INT8 is not dominated: that would switch at once).
     fine = Variant("m", "fp8", "fp8", 8, ppl_delta=0.005)
     coarse = Variant("m", "int8", "int8", 8, ppl_delta=0.010)
     step = ((1, 4.0), (16, 6.0), (64, 12.0))
-    latency = {v.id: VariantLatency(LatencyPriors(prefill_fixed_ms=10, prefill_per_token_ms=0.01, step_ms=step))
+    latency = {v.id: VariantLatency(LatencyPriors(prefill_fixed_ms=10, prefill_per_token_ms=0.01,
+                                                  step_ms=step if v is coarse else (*step[:2], (64, 12.5))))
                for v in (fine, coarse)}  # fmt: skip
 
     def predict2(variant_id: str, prompt: int, output: int, load: EngineLoad):
@@ -454,6 +456,46 @@ def test_an_urgent_gain_never_goes_straight_back_to_the_rung_just_left() -> None
     assert c.active("cpu") == int8.id  # bf16 is where it just came from: no urgent way back
     c.regimes["cpu"] = c._choose("cpu", [base, int8, int4], outlooks(bf16=-2.0, int8=-0.9, int4=0.1), 1.0, 101.5)
     assert c.active("cpu") == int4.id and c.regimes["cpu"].switches == 5  # urgent, and not back: at once
+
+
+def test_a_rung_slower_and_less_accurate_than_another_is_never_made_active() -> None:
+    # The two profiles of this 2-core AVX2 box (loadtests/results/2026-12-07/bench-cpu-4b956f3.md): int8 decodes
+    # 3.3x slower than bf16 alone, but prefills cheaper per token, and near bf16's predicted saturation the
+    # outlook ranked it ahead by more than an urgent gain. bf16 is no slower for the mean request at any batch.
+    base = Variant("c", "bf16", "base", 16, ppl_delta=0.0)
+    int8 = Variant("c", "int8", "int8", 8, ppl_delta=0.036)
+    latency = {
+        base.id: VariantLatency(LatencyPriors(prefill_fixed_ms=46.9, prefill_per_token_ms=2.294,
+                                              step_ms=((1, 48.6), (4, 76.9), (16, 124.1), (64, 320.2)))),
+        int8.id: VariantLatency(LatencyPriors(prefill_fixed_ms=147.7, prefill_per_token_ms=1.427,
+                                              step_ms=((1, 160.0), (4, 171.7), (16, 205.4), (64, 393.8)))),
+    }  # fmt: skip
+
+    def on_cpu(variant_id: str, prompt: int, output: int, load: EngineLoad):
+        return latency[variant_id].predict(prompt, output, load)
+
+    c = Concentrator(SharedDeviceConfig())
+    c.regimes["cpu"] = DeviceRegime("cpu", base.id, 0.0, 0, 1.0)
+    now = traffic(c, 1.6, 30, 8000)
+    assert Concentrator._dominated([base, int8], [feats(8000)], on_cpu) == {int8.id: base.id}
+    c.evaluate([(base, "cpu"), (int8, "cpu")], on_cpu, now)
+    outlook = {o.variant_id: o for o in c.regimes["cpu"].outlooks}
+    assert outlook[int8.id].value - outlook[base.id].value > c.config.urgent_gain  # what flapped in the bench
+    assert c.active("cpu") == base.id
+    c.regimes["cpu"] = replace(c.regimes["cpu"], active=int8.id)  # however it got there, it leaves at once
+    c.evaluate([(base, "cpu"), (int8, "cpu")], on_cpu, now + 1)
+    assert c.active("cpu") == base.id and "slower than c@bf16 and less accurate" in c.regimes["cpu"].reason
+    # Faster at some batch is not dominated: FP8 and INT8 as profiled on one H100 (router-h100-4b956f3-routing-end.json)
+    fp8 = Variant("g", "fp8", "fp8", 8, ppl_delta=0.005)
+    w8 = Variant("g", "int8", "int8", 8, ppl_delta=0.010)
+    gpu = {
+        fp8.id: VariantLatency(LatencyPriors(prefill_fixed_ms=17.5, prefill_per_token_ms=0.0015,
+                                             step_ms=((1, 3.73), (4, 4.74), (16, 3.90), (64, 5.54)))),
+        w8.id: VariantLatency(LatencyPriors(prefill_fixed_ms=12.7, prefill_per_token_ms=0.007,
+                                            step_ms=((1, 3.85), (4, 4.82), (16, 4.07), (64, 5.51)))),
+    }  # fmt: skip
+    assert Concentrator._dominated([fp8, w8], [feats(1000, prompt=256, output=128)],
+                                   lambda v, p, o, load: gpu[v].predict(p, o, load)) == {}
 
 
 def _regime_on(c: Concentrator, rungs, predict_fn):
