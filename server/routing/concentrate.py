@@ -62,6 +62,7 @@ from server.catalog import Variant, accuracy_key
 from server.routing.predictor import VariantLatency
 from server.routing.types import Budget, EngineLoad, Prediction, RequestFeatures
 
+DOMINANCE_BATCHES = (0, 4, 16, 64)  # the requests running beside the one judged, as far as both rungs were profiled
 Predict = Callable[[str, int, int, EngineLoad], Prediction | None]  # variant id, prompt, output, load
 LargestBatch = Callable[[str], int | None]  # variant id -> the largest batch its step times were measured at
 
@@ -227,27 +228,20 @@ class Concentrator:
             return {}
         prompt = round(sum(f.prompt_tokens for f in sample) / len(sample))
         output = round(sum(f.output_tokens for f in sample) / len(sample))
-        curves: dict[str, tuple[int, list[float]]] = {}
+        e2e: dict[str, dict[int, float]] = {}  # variant id -> batch -> predicted e2e, within its profiled batches
         for variant in variants:
-            largest = (largest_batch(variant.id) if largest_batch else None) or 64
-            e2e = []
-            for batch in (0, 4, 16, 64):
-                prediction = predict(variant.id, prompt, output, EngineLoad(running=batch))
-                if prediction is None:
-                    break
-                e2e.append(prediction.e2e_ms)
-            else:
-                curves[variant.id] = (largest, e2e)
+            largest = (largest_batch(variant.id) if largest_batch else None) or DOMINANCE_BATCHES[-1]
+            predictions = {b: predict(variant.id, prompt, output, EngineLoad(running=b)) for b in DOMINANCE_BATCHES
+                           if b <= largest}  # fmt: skip
+            if all(predictions.values()):
+                e2e[variant.id] = {b: p.e2e_ms for b, p in predictions.items()}  # type: ignore[union-attr]
         dominated = {}
-        for loser in variants:
-            for winner in variants:
-                if loser.id not in curves or winner.id not in curves or accuracy_key(winner) >= accuracy_key(loser):
-                    continue
-                within = [i for i, batch in enumerate((0, 4, 16, 64))
-                          if batch <= min(curves[loser.id][0], curves[winner.id][0])]  # fmt: skip
-                if within and all(curves[winner.id][1][i] <= curves[loser.id][1][i] for i in within):
-                    dominated[loser.id] = winner.id
-                    break
+        for loser in (v for v in variants if v.id in e2e):
+            winner = next((w for w in variants if w.id in e2e and accuracy_key(w) < accuracy_key(loser)
+                           and all(e2e[w.id][b] <= e2e[loser.id][b] for b in e2e[w.id].keys() & e2e[loser.id].keys())),
+                          None)  # fmt: skip
+            if winner is not None:
+                dominated[loser.id] = winner.id
         return dominated
 
     def _trim(self, now: float) -> None:
@@ -354,7 +348,7 @@ class Concentrator:
         if not outlooks:
             return DeviceRegime(device, None, now, previous.switches if previous else 0, rate, (), "no rung has priors")
         dominated = dominated or {}
-        eligible = [o for o in outlooks if o.variant_id not in dominated] or outlooks
+        eligible = [o for o in outlooks if o.variant_id not in dominated]  # never empty: the most accurate is not
         best = min(eligible, key=lambda o: (-o.value, accuracy[o.variant_id]))
         current = next((o for o in eligible if previous and o.variant_id == previous.active), None)
         switches = previous.switches if previous else 0

@@ -64,12 +64,9 @@ def fit_prefill(points: list[tuple[int, float]]) -> tuple[float, float]:
     """(fixed ms, ms per estimated token) by least squares over (tokens, ms), neither below zero. Where
     the line meets zero below zero tokens (a prefill that grows faster than linearly), the fixed part is
     what the shortest prompts took beyond their tokens' share."""
-    n = len(points)
-    mean_x = sum(x for x, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    spread = sum((x - mean_x) ** 2 for x, _ in points)
-    per_token = max(sum((x - mean_x) * (y - mean_y) for x, y in points) / spread, 0.0) if spread else 0.0
-    fixed = mean_y - per_token * mean_x
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    slope, intercept = statistics.linear_regression(xs, ys) if len(set(xs)) > 1 else (0.0, statistics.fmean(ys))
+    per_token, fixed = (slope, intercept) if slope > 0 else (0.0, statistics.fmean(ys))
     if fixed < 0:
         shortest = min(x for x, _ in points)
         fixed = max(statistics.median([y for x, y in points if x == shortest]) - per_token * shortest, 0.0)

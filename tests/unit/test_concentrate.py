@@ -256,10 +256,11 @@ def test_every_rung_of_a_device_is_priced_with_the_active_rungs_load_correction(
     assert priced("m@missing", 100, 100, busy) is None
 
 
-def _rung(name: str, ppl: float, prefill_per_token_ms: float, steps: tuple) -> tuple[Variant, VariantLatency]:
+def _rung(name: str, ppl: float, prefill_per_token_ms: float, steps: tuple,
+          prefill_fixed_ms: float = 10) -> tuple[Variant, VariantLatency]:  # fmt: skip
     variant = Variant("m", name, "base" if ppl == 0 else "int8", 16 if ppl == 0 else 8, ppl_delta=ppl)
-    return variant, VariantLatency(LatencyPriors(prefill_fixed_ms=10, prefill_per_token_ms=prefill_per_token_ms,
-                                                 step_ms=steps))  # fmt: skip
+    return variant, VariantLatency(LatencyPriors(prefill_fixed_ms=prefill_fixed_ms,
+                                                 prefill_per_token_ms=prefill_per_token_ms, step_ms=steps))  # fmt: skip
 
 
 def test_capacity_is_judged_within_the_profiled_batches() -> None:
@@ -462,14 +463,9 @@ def test_a_rung_slower_and_less_accurate_than_another_is_never_made_active() -> 
     # The two profiles of this 2-core AVX2 box (loadtests/results/2026-12-07/bench-cpu-4b956f3.md): int8 decodes
     # 3.3x slower than bf16 alone, but prefills cheaper per token, and near bf16's predicted saturation the
     # outlook ranked it ahead by more than an urgent gain. bf16 is no slower for the mean request at any batch.
-    base = Variant("c", "bf16", "base", 16, ppl_delta=0.0)
-    int8 = Variant("c", "int8", "int8", 8, ppl_delta=0.036)
-    latency = {
-        base.id: VariantLatency(LatencyPriors(prefill_fixed_ms=46.9, prefill_per_token_ms=2.294,
-                                              step_ms=((1, 48.6), (4, 76.9), (16, 124.1), (64, 320.2)))),
-        int8.id: VariantLatency(LatencyPriors(prefill_fixed_ms=147.7, prefill_per_token_ms=1.427,
-                                              step_ms=((1, 160.0), (4, 171.7), (16, 205.4), (64, 393.8)))),
-    }  # fmt: skip
+    base, base_latency = _rung("bf16", 0.0, 2.294, ((1, 48.6), (4, 76.9), (16, 124.1), (64, 320.2)), 46.9)
+    int8, int8_latency = _rung("int8", 0.036, 1.427, ((1, 160.0), (4, 171.7), (16, 205.4), (64, 393.8)), 147.7)
+    latency = {base.id: base_latency, int8.id: int8_latency}
 
     def on_cpu(variant_id: str, prompt: int, output: int, load: EngineLoad):
         return latency[variant_id].predict(prompt, output, load)
@@ -484,16 +480,11 @@ def test_a_rung_slower_and_less_accurate_than_another_is_never_made_active() -> 
     assert c.active("cpu") == base.id
     c.regimes["cpu"] = replace(c.regimes["cpu"], active=int8.id)  # however it got there, it leaves at once
     c.evaluate([(base, "cpu"), (int8, "cpu")], on_cpu, now + 1)
-    assert c.active("cpu") == base.id and "slower than c@bf16 and less accurate" in c.regimes["cpu"].reason
+    assert c.active("cpu") == base.id and f"slower than {base.id} and less accurate" in c.regimes["cpu"].reason
     # Faster at some batch is not dominated: FP8 and INT8 as profiled on one H100 (router-h100-4b956f3-routing-end.json)
-    fp8 = Variant("g", "fp8", "fp8", 8, ppl_delta=0.005)
-    w8 = Variant("g", "int8", "int8", 8, ppl_delta=0.010)
-    gpu = {
-        fp8.id: VariantLatency(LatencyPriors(prefill_fixed_ms=17.5, prefill_per_token_ms=0.0015,
-                                             step_ms=((1, 3.73), (4, 4.74), (16, 3.90), (64, 5.54)))),
-        w8.id: VariantLatency(LatencyPriors(prefill_fixed_ms=12.7, prefill_per_token_ms=0.007,
-                                            step_ms=((1, 3.85), (4, 4.82), (16, 4.07), (64, 5.51)))),
-    }  # fmt: skip
+    fp8, fp8_latency = _rung("fp8", 0.005, 0.0015, ((1, 3.73), (4, 4.74), (16, 3.90), (64, 5.54)), 17.5)
+    w8, w8_latency = _rung("int8", 0.010, 0.007, ((1, 3.85), (4, 4.82), (16, 4.07), (64, 5.51)), 12.7)
+    gpu = {fp8.id: fp8_latency, w8.id: w8_latency}
     assert Concentrator._dominated([fp8, w8], [feats(1000, prompt=256, output=128)],
                                    lambda v, p, o, load: gpu[v].predict(p, o, load)) == {}
 
