@@ -23,20 +23,14 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import gzip
 import json
 from pathlib import Path
 
 import numpy as np
 
-from loadtests import harness
+from loadtests import bench_report, harness
 
 Key = tuple[float, str, int]  # load, variant, seed
-
-
-def _open(path: Path) -> dict:
-    with (gzip.open(path, "rt") if path.suffix == ".gz" else path.open()) as f:
-        return json.load(f)
 
 
 def _trace(report: dict, seed: int) -> list[harness.TraceRequest]:
@@ -83,7 +77,7 @@ def analyse(paths: list[Path]) -> list[dict]:
     runs: dict[Key, np.ndarray] = {}
     sources: dict[Key, str] = {}
     for path in paths:
-        report = _open(path)
+        report = bench_report.read(path)
         for run in report["runs"]:
             if not run["scenario"].startswith("pin:"):
                 continue  # one engine per run: the state is that engine's
