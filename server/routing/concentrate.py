@@ -27,10 +27,14 @@ beat it (the shared-device router issue). So, per model and device group:
                        them; on one H100 that moved 0.5x load from FP8 to INT8 mid-run, two rungs
                        that met the same 65% pinned (loadtests/results/2026-12-06/router-h100-10a87e5.md)
         value_r      = attainment_r - quality_weight x (r's ppl delta in percent)
-                       and, when r saturates, less rate / capacity_r too (capacity_r: the most
-                       requests per second r completes at any concurrency it was profiled at,
-                       prefill included), so that when every rung saturates the one that drains
-                       fastest is active, not the most accurate
+                       and, when r saturates (attainment 0), less by how far the rate exceeds its
+                       capacity, rate / capacity_r - 1 (capacity_r: the most requests per second r
+                       completes at any concurrency it was profiled at, prefill included), so that
+                       when every rung saturates the one that drains fastest is active, not the most
+                       accurate. The value is continuous at the edge: a rung that just saturates is
+                       worth what one that just keeps up and meets nothing is (a cliff of 1 there
+                       made every small move of the predicted load an urgent switch on a 2-core CPU:
+                       loadtests/results/2026-12-07/bench-cpu-4b956f3-switches.txt)
       active = the rung of the highest value (never one that another rung of the device beats on both
                counts: more accurate, and predicted no slower for the window's mean request at every
                profiled batch), kept until another beats it by `hysteresis` (or, more
@@ -82,7 +86,7 @@ class SharedDeviceConfig(BaseModel):
     urgent_gain: float = Field(
         0.2, ge=0.0, le=1000.0,
         description="a gain this large switches before the dwell is up (a rung that saturates while another keeps "
-                    "up loses at least 1)")
+                    "up loses that one's share of budgets met, and more as its overload grows)")
     quality_weight: float = Field(
         0.01, ge=0.0, le=1.0, description="budget attainment given up per percent of ppl delta")
     spill_max_overlap: float = Field(
@@ -283,11 +287,11 @@ class Concentrator:
         share = rate * prefill_ms / 1000  # of the device, taken by the arriving prompts' prefill
         taxed = _taxed(predict, 1.0 - share) if share < 1 else None
         concurrency = self._concurrency(variant.id, rate, prompt, output, taxed) if taxed else None
-        if concurrency is None or taxed is None:  # overloaded: below every rung that keeps up, then by how it drains
+        if concurrency is None or taxed is None:  # saturated: meets nothing, and ranks by how far behind it falls
             capacity = self._capacity(variant.id, prompt, output, predict, prefill_ms,
                                       largest_batch(variant.id) if largest_batch else None)  # fmt: skip
             overload = rate / capacity if capacity > 0 else float(self.config.max_concurrency)
-            return RungOutlook(variant.id, None, 0.0, -penalty - overload, capacity)
+            return RungOutlook(variant.id, None, 0.0, -penalty - max(overload - 1.0, 0.0), capacity)
         load = EngineLoad(running=concurrency) if concurrency > 0 else EngineLoad()  # type: ignore[arg-type]
         judged, met = 0, 0.0
         for features in sample:
