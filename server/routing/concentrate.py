@@ -7,8 +7,9 @@ beat it (the shared-device router issue). So, per model and device group:
 
     every `evaluate_every_s`, over the requests of the last `window_s` (routed and pinned alike:
     both load the device):
-      rate   = arrivals per second, the larger of the window's and the last `rate_fast_s`'s (a
-               rise in load is seen within seconds, a fall only as the window empties), shared
+      rate   = arrivals per second, the window's, or the last `rate_fast_s`'s where that is above it
+               by more than chance (a rise in load is seen within seconds, a fall only as the window
+               empties, a Poisson burst of a few requests not at all), shared
                evenly when the model's rungs sit on several devices
       for each serving rung r with priors on the device:
         u_r          = the share of the device the arriving prompts' prefill takes on r (rate x
@@ -18,7 +19,9 @@ beat it (the shared-device router issue). So, per model and device group:
                        15x slower per token than INT8) is not mistaken for the fastest under load
         N_r          = the concurrency all of that traffic would keep on r alone (Little's law,
                        N = rate x e2e_r(N), solved by fixed-point iteration; no solution below
-                       `max_concurrency`: r would saturate)
+                       `max_concurrency`: r would saturate). Past the largest batch r was profiled
+                       at, its steps grow in proportion to the batch (`profiled`), not along a
+                       slope extrapolated from a noisy profile
         attainment_r = the expected share of the window's budgets r meets at N_r (0 saturated): each
                        budget counts with the chance that the measured latency is within it, the
                        predictor's error taken as log-normal with a spread of `spread_e2e` (TTFT:
@@ -55,6 +58,7 @@ Pure: the caller passes `now` and the latency models; no clocks, no I/O.
 from __future__ import annotations
 
 import math
+import statistics
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -215,7 +219,8 @@ class Concentrator:
         rate = self._rate(now) / max(len(by_device), 1)
         sample = [a.features for a in list(self.arrivals)[-self.config.max_samples:]]
         for device, variants in by_device.items():
-            outlooks = [o for o in (self._outlook(v, rate, sample, predict, largest_batch) for v in variants)
+            within = profiled(predict, largest_batch, _device_growth(variants, predict, largest_batch))
+            outlooks = [o for o in (self._outlook(v, rate, sample, within, largest_batch) for v in variants)
                         if o is not None]  # fmt: skip
             dominated = self._dominated(variants, sample, predict, largest_batch)
             self.regimes[device] = self._choose(device, variants, outlooks, rate, now, dominated)
@@ -259,7 +264,12 @@ class Concentrator:
         return min(self.config.window_s, max(now - self.arrivals[0].at, 1.0))
 
     def _rate(self, now: float) -> float:
-        """Arrivals per second: the window's, or the last `rate_fast_s`'s when that is higher."""
+        """Arrivals per second: the window's, or the last `rate_fast_s`'s when that is higher by more than
+        chance: the recent count must exceed what the window's rate expects there by three of its Poisson
+        standard deviations. On a 2-core CPU (0.85 req/s) five seconds hold ~4 arrivals, and bursts of 6-8
+        read as 1.2-1.6 req/s made the base look saturated every few seconds: 93 switches of the active
+        rung in 36 minutes (loadtests/results/2026-12-07/bench-cpu-fbd3ac8.md). On a GPU (46 req/s) five
+        seconds hold ~230, and a real step up is many deviations."""
         span = self._span(now)
         rate = len(self.arrivals) / span if span else 0.0
         fast = self.config.rate_fast_s
@@ -269,7 +279,9 @@ class Concentrator:
                 if now - arrival.at >= fast:
                     break
                 recent += 1
-            rate = max(rate, recent / fast)
+            expected = rate * fast
+            if recent > expected + 3 * math.sqrt(max(expected, 1.0)):
+                rate = recent / fast
         return rate
 
     def _outlook(self, variant: Variant, rate: float, sample: list[RequestFeatures],
@@ -412,6 +424,50 @@ def chance(prediction: Prediction, budget: Budget, spread_ttft: float, spread: f
         else:
             p *= 0.5 * (1 + math.erf(math.log(bound / value) / (sd * math.sqrt(2))))
     return p
+
+
+def profiled(predict: Predict, largest_batch: LargestBatch | None, growth: float = 1.0) -> Predict:
+    """Predictions that do not extrapolate a rung's own step curve past the largest batch it was measured
+    at: beyond it, its step time grows as step(L) x (1 + growth x (N / L - 1)), with one `growth` for every
+    rung of the device (`_device_growth`), so the rung that steps faster at L stays faster at any larger
+    batch. Extrapolated along its own last slope, a noisy flat profile wins: on one H100 bf16 stepped 5.9,
+    6.6, 6.2 and 6.8 ms at batch 1-64 and FP8 3.7 to 5.4 ms, so past ~150 requests bf16 was predicted the
+    faster; at 1.5x load, with the load corrections up, the outlook's concurrencies went past that and the
+    router served two thirds of the requests on bf16, at 0.44x FP8's goodput
+    (loadtests/results/2026-12-07/router-h100-c0a0c38.md)."""
+    if largest_batch is None:
+        return predict
+
+    def within(variant_id: str, prompt_tokens: int, output_tokens: int, load: EngineLoad) -> Prediction | None:
+        largest = largest_batch(variant_id)
+        if not largest or load.running <= largest:
+            return predict(variant_id, prompt_tokens, output_tokens, load)
+        p = predict(variant_id, prompt_tokens, output_tokens, replace(load, running=largest))
+        if p is None:
+            return None
+        grow = 1 + growth * (load.running / largest - 1)
+        return replace(p, tpot_ms=p.tpot_ms * grow, e2e_ms=p.ttft_ms + (p.e2e_ms - p.ttft_ms) * grow)
+
+    return within
+
+
+def _device_growth(variants: Sequence[Variant], predict: Predict, largest_batch: LargestBatch | None) -> float:
+    """How a device's decode step grows past the rungs' profiles, relative to its size there: the median over
+    its rungs of each one's growth over the last quarter of its profile, (1 - step(L/4) / step(L)) / 0.75,
+    at most 1 (no batching gain) and 1 when nothing is known. One H100's four rungs gave 0.04-0.41
+    (median 0.23), this 2-core CPU's two 0.60 and 0.85."""
+    if largest_batch is None:
+        return 1.0
+    slopes = []
+    for variant in variants:
+        largest = largest_batch(variant.id)
+        if not largest or largest < 4:
+            continue
+        top = predict(variant.id, 1, 2, EngineLoad(running=largest))
+        quarter = predict(variant.id, 1, 2, EngineLoad(running=largest // 4))
+        if top is not None and quarter is not None and top.tpot_ms > 0:
+            slopes.append(min(max((1 - quarter.tpot_ms / top.tpot_ms) / 0.75, 0.0), 1.0))
+    return statistics.median(slopes) if slopes else 1.0
 
 
 def _taxed(predict: Predict, left: float) -> Predict:

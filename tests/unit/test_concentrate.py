@@ -10,8 +10,8 @@ import pytest
 from pydantic import ValidationError
 
 from server.catalog import Variant
-from server.routing.concentrate import (Concentrator, DeviceRegime, RungOutlook, SharedDeviceConfig, device_priced,
-                                        standby_map)  # fmt: skip
+from server.routing.concentrate import (Concentrator, DeviceRegime, RungOutlook, SharedDeviceConfig, _device_growth,
+                                        device_priced, profiled, standby_map)  # fmt: skip
 from server.routing.config import RoutingConfig
 from server.routing.predictor import LatencyPriors, VariantLatency
 from server.routing.router import Router
@@ -520,3 +520,67 @@ def _regime_on(c: Concentrator, rungs, predict_fn):
     """A regime for gpu-0 as an evaluation over no traffic makes it (the active rung set by the caller)."""
     c.evaluate(rungs, predict_fn, 0.0)
     return c.regimes["gpu-0"]
+
+
+def test_a_step_curve_is_not_trusted_past_its_largest_profiled_batch() -> None:
+    # One H100's profiles at c0a0c38 (loadtests/results/2026-12-07/router-h100-c0a0c38-routing-end.json): bf16's
+    # flat, noisy curve extrapolated along its own slope made it faster than FP8 past ~150 requests, and at 1.5x
+    # load (the load corrections up) the router moved two thirds of the requests to bf16.
+    bf16, bf16_lat = _rung("bf16", 0.0, 0.00897, ((1, 5.92), (4, 6.59), (16, 6.22), (64, 6.82)), 13.2)
+    fp8, fp8_lat = _rung("fp8", 0.005, 0.00907, ((1, 3.72), (4, 4.38), (16, 3.91), (64, 5.43)), 12.7)
+    book = {v.id: replace(lat, load_tpot_scale=1.8, load_ttft_scale=3.8)
+            for v, lat in ((bf16, bf16_lat), (fp8, fp8_lat))}  # fmt: skip
+
+    def on_h100(variant_id: str, prompt: int, output: int, load: EngineLoad):
+        return book[variant_id].predict(prompt, output, load)
+
+    def largest(variant_id: str) -> int:
+        return 64
+
+    def e2e(predict_fn, variant: Variant, running: int) -> float:
+        return predict_fn(variant.id, 256, 128, EngineLoad(running=running)).e2e_ms
+
+    assert e2e(on_h100, bf16, 256) < e2e(on_h100, fp8, 256)  # the inversion, each along its own slope
+    growth = _device_growth([bf16, fp8], on_h100, largest)
+    assert growth == pytest.approx((0.045 + 0.257) / 2, abs=0.01)  # the median of the two rungs' growth
+    within = profiled(on_h100, largest, growth)
+    for running in (1, 16, 64, 65, 100, 256, 1024):
+        assert e2e(within, fp8, running) < e2e(within, bf16, running), running
+    assert e2e(within, fp8, 64) == e2e(on_h100, fp8, 64)  # unchanged within the profile
+    # past the profile bf16 grows at the device's rate, not along its own flat slope; FP8 less steeply than its own
+    assert e2e(within, bf16, 128) > e2e(on_h100, bf16, 128) and e2e(within, fp8, 128) < e2e(on_h100, fp8, 128)
+    # 75 req/s of the bench's budgets (0.6-3x bf16's idle e2e, ~630 ms) with FP8 active: the outlook along each
+    # rung's own slope put bf16 ahead; within the profiles FP8 is well ahead.
+    bounded, unbounded = Concentrator(SharedDeviceConfig()), Concentrator(SharedDeviceConfig())
+    for c in (bounded, unbounded):
+        c.regimes["gpu"] = DeviceRegime("gpu", fp8.id, 0.0, 1, 0.0)
+        now = traffic_of(c, [feats(f * 630, prompt=256, output=128) for f in (0.6, 0.8, 1.0, 1.5, 3.0)], 75, 30)
+        c.evaluate([(bf16, "gpu"), (fp8, "gpu")], on_h100, now + 0.1, largest if c is bounded else None)
+    value = {name: {o.variant_id: o.value for o in c.regimes["gpu"].outlooks}
+             for name, c in (("bounded", bounded), ("unbounded", unbounded))}  # fmt: skip
+    assert value["unbounded"][bf16.id] > value["unbounded"][fp8.id]
+    assert value["bounded"][fp8.id] > value["bounded"][bf16.id] + SharedDeviceConfig().hysteresis
+    assert bounded.active("gpu") == fp8.id
+
+
+def traffic_of(concentrator: Concentrator, mix: list[RequestFeatures], rate_rps: float, seconds: float) -> float:
+    """Arrivals at a steady rate cycling through `mix`; returns the time of the last one."""
+    n = int(rate_rps * seconds)
+    for i in range(n):
+        concentrator.arrive(mix[i % len(mix)], i / rate_rps)
+    return (n - 1) / rate_rps
+
+
+def test_a_burst_within_chance_does_not_raise_the_rate() -> None:
+    # This 2-core CPU's load (0.85 req/s): seven arrivals in the last five seconds, where the window's rate
+    # expects ~5, are a Poisson burst (under three deviations), not a rise; 3.4 req/s for five seconds is.
+    c = Concentrator(SharedDeviceConfig())
+    t = traffic(c, 0.85, 25, 8000)
+    for i in range(7):
+        c.arrive(feats(8000), t + 0.5 + i * 0.6)
+    now = t + 5
+    window = len(c.arrivals) / c._span(now)
+    assert c._rate(now) == pytest.approx(window, rel=0.01) and window < 1
+    for i in range(10):  # ten more in the same seconds: 17 in 5 s
+        c.arrive(feats(8000), t + 0.7 + i * 0.4)
+    assert c._rate(now) == pytest.approx(17 / 5)
