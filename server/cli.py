@@ -59,7 +59,7 @@ def serve(
     # Forwarded headers only from the proxies configured (uvicorn believes any loopback peer by default).
     # At SIGTERM the gateway drains first (server/drain.py); uvicorn's own grace then covers what is left.
     config = uvicorn.Config(api, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, timeout_graceful_shutdown=5,
+                            access_log=False, timeout_graceful_shutdown=5, timeout_keep_alive=settings.keep_alive_s,
                             proxy_headers=bool(settings.trusted_proxies),
                             forwarded_allow_ips=",".join(settings.trusted_proxies) or None)  # fmt: skip
 

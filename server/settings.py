@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     # At SIGTERM: how long requests in flight may take to finish before streams are cut (server/drain.py);
     # below Kubernetes' terminationGracePeriodSeconds (90 s in k8s/base/gateway-deployment.yaml).
     drain_grace_s: float = Field(60.0, ge=0, le=3600)
+    # How long an idle client connection is kept open. uvicorn's default (5 s) equals httpx's (the OpenAI
+    # clients') keep-alive expiry, so a client could send on a connection the gateway was closing at that
+    # instant and get a ReadError with no status (one request of an H100 bench cell,
+    # loadtests/results/2026-12-07/router-h100-c0a0c38.md). Above the clients' expiry, the client always
+    # closes first; 65 s also outlasts the 60-s idle timeout of common load balancers in front.
+    keep_alive_s: int = Field(65, ge=1, le=3600)
 
     # Comma-separated or a JSON list; empty means /v1/* is open.
     api_keys: Annotated[tuple[str, ...], NoDecode] = ()
