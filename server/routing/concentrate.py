@@ -20,8 +20,8 @@ beat it (the shared-device router issue). So, per model and device group:
         N_r          = the concurrency all of that traffic would keep on r alone (Little's law,
                        N = rate x e2e_r(N), solved by fixed-point iteration; no solution below
                        `max_concurrency`: r would saturate). Past the largest batch r was profiled
-                       at, its steps grow in proportion to the batch (`profiled`), not along a
-                       slope extrapolated from a noisy profile
+                       at, its steps grow at one rate for every rung of the device (`profiled`),
+                       not along a slope extrapolated from its own noisy profile
         attainment_r = the expected share of the window's budgets r meets at N_r (0 saturated): each
                        budget counts with the chance that the measured latency is within it, the
                        predictor's error taken as log-normal with a spread of `spread_e2e` (TTFT:
@@ -268,7 +268,7 @@ class Concentrator:
         chance: the recent count must exceed what the window's rate expects there by three of its Poisson
         standard deviations. On a 2-core CPU (0.85 req/s) five seconds hold ~4 arrivals, and bursts of 6-8
         read as 1.2-1.6 req/s made the base look saturated every few seconds: 93 switches of the active
-        rung in 36 minutes (loadtests/results/2026-12-07/bench-cpu-fbd3ac8.md). On a GPU (46 req/s) five
+        rung in 38 minutes of bench (loadtests/results/2026-12-07/bench-cpu-fbd3ac8.md). On a GPU (46 req/s) five
         seconds hold ~230, and a real step up is many deviations."""
         span = self._span(now)
         rate = len(self.arrivals) / span if span else 0.0
