@@ -45,9 +45,15 @@ def feats(e2e_ms: float | None = None, prompt: int = 100, output: int = 100) -> 
 def traffic(concentrator: Concentrator, rate_rps: float, seconds: float, budget_ms: float | None,
             start: float = 0.0) -> float:  # fmt: skip
     """Arrivals at a steady rate; returns the time of the last one."""
+    return traffic_of(concentrator, [feats(budget_ms)], rate_rps, seconds, start)
+
+
+def traffic_of(concentrator: Concentrator, mix: list[RequestFeatures], rate_rps: float, seconds: float,
+               start: float = 0.0) -> float:  # fmt: skip
+    """Arrivals at a steady rate cycling through `mix`; returns the time of the last one."""
     n = int(rate_rps * seconds)
     for i in range(n):
-        concentrator.arrive(feats(budget_ms), start + i / rate_rps)
+        concentrator.arrive(mix[i % len(mix)], start + i / rate_rps)
     return start + (n - 1) / rate_rps
 
 
@@ -561,14 +567,6 @@ def test_a_step_curve_is_not_trusted_past_its_largest_profiled_batch() -> None:
     assert value["unbounded"][bf16.id] > value["unbounded"][fp8.id]
     assert value["bounded"][fp8.id] > value["bounded"][bf16.id] + SharedDeviceConfig().hysteresis
     assert bounded.active("gpu") == fp8.id
-
-
-def traffic_of(concentrator: Concentrator, mix: list[RequestFeatures], rate_rps: float, seconds: float) -> float:
-    """Arrivals at a steady rate cycling through `mix`; returns the time of the last one."""
-    n = int(rate_rps * seconds)
-    for i in range(n):
-        concentrator.arrive(mix[i % len(mix)], i / rate_rps)
-    return (n - 1) / rate_rps
 
 
 def test_a_burst_within_chance_does_not_raise_the_rate() -> None:
