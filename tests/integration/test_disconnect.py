@@ -36,7 +36,7 @@ class Counts(NamedTuple):
 
 
 def _counts(engine_url: str, auth: dict[str, str]) -> Counts:
-    text = httpx.get(f"{engine_url}/metrics", timeout=5, headers=auth).text
+    text = httpx.get(f"{engine_url}/metrics", timeout=30, headers=auth).text
     ended = re.search(r'^vllm:request_success_total\{[^}]*finished_reason="length"[^}]*\} (\S+)$', text, re.M)
     tokens = re.search(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$", text, re.M)
     assert ended and tokens, f"the engine's counters are missing from {engine_url}/metrics"
@@ -97,17 +97,21 @@ def test_non_streaming_disconnect_aborts_the_engine_request(
             f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n"
         )
+        before = _counts(engine_url, engine_auth).generated
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", gateway.port), timeout=60) as client:
             client.sendall(head.encode() + body)
-            reached = wait_for(lambda: _running(engine_url, engine_auth) >= 1, 120)
+            # Generating is seen in either counter: a busy engine's /metrics can answer late.
+            reached = wait_for(lambda: _running(engine_url, engine_auth) >= 1
+                               or _counts(engine_url, engine_auth).generated > before, 120)  # fmt: skip
             client.setblocking(False)
             try:
                 early = client.recv(65536)
             except BlockingIOError:
                 early = b""
-            assert reached, f"the request never reached the engine; the gateway said {early[:300]!r}"
-            assert not early, f"the answer came before the client left; make it longer: {early[:300]!r}"
+            if early:  # the whole answer beat the poll: the engine ran to its end and the attempt is repeated
+                return f"the answer came after {time.monotonic() - started:.1f} s, before the client could leave"
+            assert reached, "the request never reached the engine and no answer came in 2 minutes"
         return f"engine running it after {time.monotonic() - started:.1f} s"
 
     _check_aborted(engine_url, engine_auth, leave)
