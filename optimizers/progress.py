@@ -64,6 +64,19 @@ def emit_stage(stage: str, **fields: Any) -> None:
         _sink("stage", stage=stage, **fields)
 
 
+def emit_progress(phase: str, fraction: float, **fields: Any) -> None:
+    """A progress event from inside a handler that is not a calibration (e.g. distillation's steps), at most
+    once a second, when reporting."""
+    global _last_progress
+    now = time.monotonic()
+    if _sink is not None and (now - _last_progress >= 1.0 or fraction >= 1.0):
+        _last_progress = now
+        _sink("progress", phase=phase, fraction=round(min(max(fraction, 0.0), 1.0), 4), **fields)
+
+
+_last_progress = float("-inf")
+
+
 def decoder_layers(model: Any) -> list[Any]:
     """The model's decoder layers (`model.model.layers` in every architecture the ladder takes)."""
     layers = getattr(getattr(model, "model", None), "layers", None)

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from optimizers import awq, bnb, drill, fp8, int4_ao, int4_gptq, int8, int8_wo, prune
+from optimizers import awq, bnb, chain, distill, drill, fp8, int4_ao, int4_gptq, int8, int8_wo, prune, prune_structured
 from optimizers.base import Artifact, InvalidConfig, MethodConfig
 
 Handler = Callable[[Any, Path, Path, list[list[int]]], Artifact]
@@ -23,16 +23,26 @@ METHODS: dict[type[MethodConfig], Handler] = {
     bnb.BnbNf4Config: bnb.quantize_nf4,
     prune.Prune2of4Config: prune.prune_2of4,
     prune.PruneMagnitudeConfig: prune.prune_magnitude,
+    prune_structured.PruneStructuredConfig: prune_structured.prune,
+    distill.DistillConfig: distill.distill,
     drill.BrokenDrillConfig: drill.make,  # a deliberately broken rung: the gate's drill
+    chain.ChainConfig: chain.run,  # `a+b`: b applied to a's output (optimizers/chain.py)
 }
 # Listed so that asking for them gives the reason they are refused, not "unknown method".
 REFUSED_ONLY: tuple[type[MethodConfig], ...] = (bnb.BnbInt8Config,)
 
-CONFIGS: dict[str, type[MethodConfig]] = {cls.method: cls for cls in (*METHODS, *REFUSED_ONLY)}
+CONFIGS: dict[str, type[MethodConfig]] = {
+    cls.method: cls for cls in (*METHODS, *REFUSED_ONLY) if cls is not chain.ChainConfig}
 
 
 def make_config(method: str, fields: dict[str, Any] | None = None) -> MethodConfig:
-    """A method's config from its name and field values; InvalidConfig with the reason otherwise."""
+    """A method's config from its name and field values; InvalidConfig with the reason otherwise. A name
+    `a+b` is a chain of methods (optimizers/chain.py)."""
+    if chain.SEPARATOR in method:
+        try:
+            return chain.chain_config(method, fields)
+        except ValidationError as exc:
+            raise InvalidConfig(f"{method}: {exc.errors()[0]['msg']}") from None
     cls = CONFIGS.get(method)
     if cls is None:
         raise InvalidConfig(f"unknown method {method!r}; known: {', '.join(sorted(CONFIGS))}")

@@ -65,6 +65,8 @@ class BuildProgress:
             phase.last = (now, fraction)
             if isinstance(event.get("layer"), int) and isinstance(event.get("layers"), int):
                 phase.detail = f"layer {event['layer']} of {event['layers']}"
+            elif isinstance(event.get("step"), int) and isinstance(event.get("steps"), int):
+                phase.detail = f"step {event['step']} of {event['steps']}"
 
     def finish(self, variant_id: str) -> None:
         self._started.pop(variant_id, None)

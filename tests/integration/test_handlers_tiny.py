@@ -184,3 +184,47 @@ def test_prune_magnitude_zeroes_the_smallest_weights_of_each_decoder_linear(tiny
     assert manifest["details"]["pattern"] == "unstructured"
     assert abs(manifest["details"]["decoder_linear_sparsity"] - 0.3) < 0.01
     assert manifest["calibration_samples"] == 0
+
+
+def test_prune_structured_and_distill_write_smaller_checkpoints_with_their_record(tiny_llama: Path,
+                                                                                 tmp_path: Path) -> None:
+    """Both through the real job in the compression environment (optimizers/prune_structured.py,
+    optimizers/distill.py): a smaller dense checkpoint with a consistent config, the manifest saying what was
+    removed, and for distill its training record, loss curve and progress events."""
+    pruned = _compress("prune-structured", tiny_llama, tmp_path / "ps", config={"drop_layers": 1, "mlp_keep": 0.5})
+    config = json.loads((tmp_path / "ps" / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["intermediate_size"]) == (1, INTERMEDIATE // 2)
+    assert _tensors(tmp_path / "ps")["model.layers.0.mlp.down_proj.weight"] == ("BF16", (HIDDEN, INTERMEDIATE // 2))
+    assert "model.layers.1.mlp.down_proj.weight" not in _tensors(tmp_path / "ps")
+    assert pruned["details"]["layers"] == "2 -> 1" and pruned["size_bytes"] > 0
+    assert "quantization_config" not in config
+
+    events: list[dict] = []
+    manifest = _compress("distill", tiny_llama, tmp_path / "ds", events=events,
+                         config={"drop_layers": 0, "mlp_keep": 0.5, "steps": 6, "eval_every": 3, "seq_len": 64})
+    steps = [e for e in events if e["event"] == "progress" and e["phase"] == "distilling"]
+    assert steps and steps[-1]["fraction"] == 1.0 and steps[-1]["steps"] == 6, steps
+    out = tmp_path / "ds"
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == INTERMEDIATE // 2
+    history = json.loads((out / "distill-history.json").read_text())
+    assert len(history["train"]) == 6 and [r["step"] for r in history["held_out"]] == [0, 3, 6]
+    assert (out / "distill-loss.png").is_file()
+    details = manifest["details"]
+    assert details["steps"] == 6 and details["stopped_by"] == "steps" and " -> " in details["held_out_ppl"]
+    assert not list(tmp_path.glob(".*distill-state")), "the training state outlived the job"
+
+
+def test_a_chain_quantizes_the_pruned_student(tiny_llama: Path, tmp_path: Path) -> None:
+    """`prune-structured+int8` (optimizers/chain.py): int8's W8A8 tensors at the student's shapes, one
+    directory, each step's record in the manifest."""
+    manifest = _compress("prune-structured+int8", tiny_llama, tmp_path / "chain",
+                         config={"steps": {"prune-structured": {"drop_layers": 1, "mlp_keep": 0.5}}})
+    tensors = _tensors(tmp_path / "chain")
+    assert tensors["model.layers.0.mlp.down_proj.weight"] == ("I8", (HIDDEN, INTERMEDIATE // 2))
+    assert "model.layers.1.self_attn.q_proj.weight" not in tensors
+    config = json.loads((tmp_path / "chain" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1 and config["quantization_config"]["ignore"] == ["lm_head"]
+    assert manifest["method"] == "prune-structured+int8" and manifest["bits"] == 8
+    assert set(manifest["details"]["steps"]) == {"prune-structured", "int8"}
+    assert manifest["details"]["steps"]["prune-structured"]["layers"] == "2 -> 1"
+    assert not (tmp_path / "chain" / ".steps").exists()

@@ -34,7 +34,8 @@ def test_configs_are_frozen() -> None:
 
 def test_every_servable_method_has_a_handler() -> None:
     for config_type in METHODS:
-        assert handler_for(config_type()) is METHODS[config_type]
+        config = config_type(steps={"distill": {}, "int8": {}}) if config_type.__name__ == "ChainConfig" else config_type()
+        assert handler_for(config) is METHODS[config_type]
 
 
 @pytest.mark.parametrize(
@@ -44,7 +45,7 @@ def test_every_servable_method_has_a_handler() -> None:
         ("int8", {"smoothing_strength": 1.5}, "less than or equal to 1"),
         ("awq", {"n_grid": 1}, "greater than or equal to 2"),
         ("int4-ao", {"group_size": 48}, "group_size: Input should be 32, 64, 128 or 256"),
-        ("int3", {}, "unknown method 'int3'; known: awq, bnb-int8, bnb-nf4, drill-broken, fp8, int4-ao, int4-gptq, int8, int8-wo"),
+        ("int3", {}, "unknown method 'int3'; known: awq, bnb-int8, bnb-nf4, distill, drill-broken, fp8, int4-ao, int4-gptq, int8, int8-wo"),
     ],
 )
 def test_bad_configs_fail_with_the_reason(method: str, fields: dict, fragment: str) -> None:
