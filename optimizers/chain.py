@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import Field
 
-from optimizers.base import Artifact, Device, InvalidConfig, MethodConfig, ModelInfo
+from optimizers.base import Artifact, Device, InvalidConfig, MethodConfig, ModelInfo, UnsupportedHere
 
 SEPARATOR = "+"
 
@@ -60,7 +60,16 @@ class ChainConfig(MethodConfig):
         parts = self.parts()
         if any(isinstance(p, ChainConfig) for p in parts):
             raise InvalidConfig(f"{self.method}: a chain's steps are methods, not chains")
-        parts[0].check(model, device)  # the later steps are checked on the checkpoints they get
+        parts[0].check(model, device)
+        # The later steps' shapes are checked on the checkpoints they get (optimizers/chain.py: run); what this
+        # host cannot run at all (fp8 on CPU, int4-ao on CUDA) is refused now.
+        for part in parts[1:]:
+            try:
+                part.check(model, device)
+            except UnsupportedHere:
+                raise
+            except InvalidConfig:
+                pass
 
 
 def chain_config(method: str, fields: dict[str, Any] | None) -> ChainConfig:

@@ -91,3 +91,19 @@ def test_a_substitute_the_host_cannot_run_either_is_not_claimed() -> None:
     methods, unsupported = _ladder(["int4-ao", "awq"], bare)
     assert methods == ["int4-ao", "awq"] and set(unsupported) == {"int4-ao", "awq"}
     assert "in its place" not in unsupported["awq"] and "or torchao" in unsupported["int4-ao"]
+
+
+def test_a_chain_ending_in_a_4bit_rung_gets_the_chain_ending_in_int4_ao_in_its_place() -> None:
+    methods, unsupported = _ladder(["distill+int4-gptq"], AVX2)
+    assert methods == ["distill+int4-gptq", "distill+int4-ao"]
+    assert unsupported["distill+int4-gptq"].endswith("distill+int4-ao is built in its place")
+    assert _ladder(["distill+int4-gptq"], AVX512) == (["distill+int4-gptq"], {})
+
+
+def test_a_chain_whose_last_step_this_device_cannot_run_is_refused_at_registration() -> None:
+    from optimizers.base import UnsupportedHere
+
+    with pytest.raises(UnsupportedHere, match="fp8"):
+        make_config("distill+fp8").check(SMOLLM2, "cpu")
+    with pytest.raises(UnsupportedHere, match="int4-ao"):
+        make_config("prune-structured+int4-ao").check(LLAMA8B, "cuda")
