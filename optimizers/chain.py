@@ -86,6 +86,19 @@ def chain_config(method: str, fields: dict[str, Any] | None) -> ChainConfig:
     return config
 
 
+def split_last(config: ChainConfig) -> tuple[MethodConfig, MethodConfig]:
+    """(everything but the last step, the last step): `a+b+c` -> (`a+b`, `c`); `a+b` -> (`a`, `b`). A registry
+    that already built the first part serves it as the source of the last (server/registry/builder.py), so
+    `distill` and `distill+int8` registered together train once."""
+    from optimizers.registry import make_config
+
+    names = list(config.steps)
+    head = names[:-1]
+    first = (make_config(head[0], config.steps[head[0]]) if len(head) == 1
+             else chain_config(SEPARATOR.join(head), {"steps": {n: config.steps[n] for n in head}}))  # fmt: skip
+    return first, make_config(names[-1], config.steps[names[-1]])
+
+
 def run(config: ChainConfig, source: Path, out: Path, calibration: list[list[int]]) -> Artifact:
     from optimizers.registry import handler_for
 

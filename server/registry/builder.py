@@ -25,7 +25,9 @@ from optimizers import next_token
 from optimizers.chat_quality import PROMPTS, ChatGate, ChatScore, chat_answers, judge
 from optimizers.data import PROFILES, evaluation_windows
 from optimizers.evaluate import perplexity
-from optimizers.job import checkpoint_bytes
+from optimizers.base import MethodConfig
+from optimizers.chain import ChainConfig, split_last
+from optimizers.job import MANIFEST, checkpoint_bytes
 from optimizers.registry import make_config
 from server.engines.base import Engine, EngineState
 from server.engines.local import LocalEngine, LocalEngineConfig
@@ -193,6 +195,19 @@ class VariantBuilder:
         self.registry.update_job(job_id, state="succeeded", stage="done")
         return True
 
+    def _built_head(self, model: ModelRecord, config: MethodConfig) -> tuple[VariantRecord, MethodConfig] | None:
+        """For a chain `a+b` (optimizers/chain.py): a variant of this model that is `a` with the same config and
+        whose artifact is on disk, and `b`; then only `b` runs, on that artifact."""
+        if not isinstance(config, ChainConfig):
+            return None
+        head, last = split_last(config)
+        for variant in self.registry.variants(model.name):
+            if (variant.method == head.method and variant.model_path and variant.artifact_key
+                    and (Path(variant.model_path) / MANIFEST).is_file()
+                    and make_config(variant.method, variant.config).fingerprint() == head.fingerprint()):  # fmt: skip
+                return variant, last
+        return None
+
     async def _compress(self, model: ModelRecord, record: VariantRecord) -> VariantRecord:
         config = make_config(record.method, record.config)
         key = artifact_key(model.source_sha256, config, self.profile)
@@ -204,6 +219,14 @@ class VariantBuilder:
                                  reason=None)
         job = CompressionJob(record.method, Path(model.checkpoint_path), out, profile=self.profile,
                              config=tuple(record.config.items()))
+        earlier_s = 0.0
+        built = self._built_head(model, config)
+        if built is not None and built[0].model_path:  # the chain's head is built already: its last step on it
+            head, last = built
+            logger.info("%s: %s on %s's artifact", record.id, last.method, head.id)
+            job = CompressionJob(last.method, Path(head.model_path), out, profile=self.profile,
+                                 config=tuple(last.model_dump().items()))
+            earlier_s = head.seconds_to_make or 0.0
         try:
             manifest = await run_compression(
                 job, log_path, self.compress_timeout_s, self.compress_python,
@@ -217,7 +240,8 @@ class VariantBuilder:
             record.id, VariantState.EVALUATING,
             model_path=manifest["model_path"] if manifest["on_load"] else str(out),
             engine_args=manifest["engine_args"], size_bytes=manifest["size_bytes"],
-            seconds_to_make=manifest["seconds_to_make"], calibration_samples=manifest.get("calibration_samples"),
+            seconds_to_make=round(manifest["seconds_to_make"] + earlier_s, 1),
+            calibration_samples=manifest.get("calibration_samples"),
         )  # fmt: skip
 
     def _job_event(self, variant_id: str, job_id: int, event: dict) -> None:

@@ -252,3 +252,46 @@ def test_a_chain_is_named_by_its_steps_and_takes_the_last_step_s_kernel_and_subs
                       tie_word_embeddings=True)  # fmt: skip
     with pytest.raises(InvalidConfig, match="at least one must stay"):  # the first step is checked on the source
         make_config("distill+int8", {"steps": {"distill": {"drop_layers": 30}}}).check(model, "cpu")
+
+
+def test_a_chain_splits_into_its_head_and_last_step() -> None:
+    from optimizers.chain import split_last
+    from optimizers.registry import make_config
+
+    head, last = split_last(make_config("distill+int8", {"steps": {"distill": {"steps": 7}}}))
+    assert head.fingerprint() == make_config("distill", {"steps": 7}).fingerprint() and last.method == "int8"
+    head, last = split_last(make_config("prune-structured+distill+int8"))
+    assert head.method == "prune-structured+distill" and last.method == "int8"
+
+
+def test_the_builder_runs_only_the_last_step_on_a_head_it_built_already(tmp_path: Path) -> None:
+    """server/registry/builder.py: `distill` and `distill+int8` registered together train once."""
+    import time
+    from types import SimpleNamespace
+
+    from optimizers.job import MANIFEST
+    from optimizers.registry import make_config
+    from server.registry.builder import VariantBuilder
+    from server.registry.store import ModelRecord, Registry, VariantState
+
+    registry = Registry(tmp_path / "registry.sqlite3")
+    model = ModelRecord("m", "hf", "/src", "ab" * 32, "/src", "LlamaForCausalLM", 0.3, time.time())
+    short, chained = make_config("distill", {"steps": 7}), make_config("distill+int8")
+    registry.add_model(model, [("bf16", "base", 16, {}), ("distill", "distill", 16, short.model_dump()),
+                               ("distill+int8", "distill+int8", 8, chained.model_dump())])  # fmt: skip
+    builder = SimpleNamespace(registry=registry)
+
+    def head_of(config):  # VariantBuilder._built_head on this registry
+        return VariantBuilder._built_head(builder, model, config)  # type: ignore[arg-type]
+
+    assert head_of(make_config("int8")) is None  # not a chain
+    assert head_of(chained) is None  # its head not built
+    artifact = tmp_path / "artifacts" / "k"
+    artifact.mkdir(parents=True)
+    registry.transition("m@distill", VariantState.COMPRESSING, artifact_key="k")
+    registry.transition("m@distill", VariantState.EVALUATING, model_path=str(artifact), seconds_to_make=100.0)
+    assert head_of(chained) is None  # no finished artifact on disk
+    (artifact / MANIFEST).write_text("{}")
+    assert head_of(chained) is None  # a `distill` of another config (7 steps) is not this chain's head
+    head, last = head_of(make_config("distill+int8", {"steps": {"distill": {"steps": 7}}}))
+    assert head.id == "m@distill" and last.method == "int8"
