@@ -45,7 +45,8 @@ def make_config(method: str, fields: dict[str, Any] | None = None) -> MethodConf
             raise InvalidConfig(f"{method}: {exc.errors()[0]['msg']}") from None
     cls = CONFIGS.get(method)
     if cls is None:
-        raise InvalidConfig(f"unknown method {method!r}; known: {', '.join(sorted(CONFIGS))}")
+        raise InvalidConfig(f"unknown method {method!r}; known: {', '.join(sorted(CONFIGS))}, "
+                            f"or a chain of them ({chain.SEPARATOR.join(('distill', 'int8'))})")
     try:
         return cls(**(fields or {}))
     except ValidationError as exc:
