@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from optimizers.base import Device, MethodConfig, ModelInfo, OptimizerError
+from optimizers.job import read_manifest
 from optimizers.registry import make_config
 from server.engines.probe import KernelProbe
 from server.engines.supervisor import EngineSupervisor
+from server.registry.artifacts import artifact_dir
 from server.registry.builder import VariantBuilder
 from server.registry.ingest import IngestError, chat_template_renders_tools, ingest, vllm_tool_parsers
 from server.registry.progress import queued
@@ -135,6 +137,17 @@ class ModelService:
             return queued(queue.index(v.id) + at_work, time.time() - v.created_at)
         return None
 
+    def _details(self, v: VariantRecord) -> dict[str, Any] | None:
+        """What the job that made the variant said of it (its manifest's `details`: a pruned rung's sparsity or
+        removed layers, a distilled student's training), else None."""
+        if not v.artifact_key:
+            return None
+        try:
+            manifest = read_manifest(artifact_dir(self.settings.home, v.artifact_key))
+        except (OSError, ValueError):
+            return None
+        return manifest.get("details") if isinstance(manifest, dict) else None
+
     def describe(self, name: str | None = None) -> list[dict[str, Any]]:
         models = [self.registry.model(name)] if name else self.registry.models()
         queue = self.registry.pending_queue()
@@ -148,6 +161,7 @@ class ModelService:
                 row["config"] = v.config
                 row["jobs"] = [j.id for j in self.registry.jobs(v.id)]
                 row["progress"] = self._progress(v, queue, at_work)
+                row["details"] = self._details(v)
                 variants.append(row)
             out.append({**asdict(model), "variants": variants})
         return out

@@ -295,3 +295,24 @@ def test_the_builder_runs_only_the_last_step_on_a_head_it_built_already(tmp_path
     assert head_of(chained) is None  # a `distill` of another config (7 steps) is not this chain's head
     head, last = head_of(make_config("distill+int8", {"steps": {"distill": {"steps": 7}}}))
     assert head.id == "m@distill" and last.method == "int8"
+
+
+def test_the_admin_view_of_a_variant_carries_what_its_job_said_of_it(tmp_path: Path) -> None:
+    """GET /admin/models: a variant's `details` come from its artifact's manifest (server/registry/service.py)."""
+    from types import SimpleNamespace
+
+    from optimizers.job import MANIFEST
+    from server.registry.service import ModelService
+
+    service = SimpleNamespace(settings=SimpleNamespace(home=tmp_path))
+    (tmp_path / "artifacts" / "k").mkdir(parents=True)
+    said = {"steps": 184, "held_out_ppl": "40.163 -> 22.457"}
+    (tmp_path / "artifacts" / "k" / MANIFEST).write_text(json.dumps({"method": "distill", "details": said}))
+
+    def details(key: str | None):
+        return ModelService._details(service, SimpleNamespace(artifact_key=key))  # type: ignore[arg-type]
+
+    assert details("k") == said
+    assert details(None) is None and details("gone") is None
+    (tmp_path / "artifacts" / "k" / MANIFEST).write_text("{not json")
+    assert details("k") is None
