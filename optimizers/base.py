@@ -91,3 +91,14 @@ class Artifact:
     on_load: bool = False
     calibration_samples: int | None = None  # windows the method used, when fewer than it was given
     details: dict[str, Any] | None = None  # what else the manifest should say (e.g. a pruned rung's sparsity)
+
+
+def to_source_dtype(model: Any, source: Path) -> None:
+    """Cast `model` (calibrated or trained in float32) back to the dtype its source checkpoint was saved in,
+    so the variant is served as the base is."""
+    import torch
+
+    config = json.loads((source / "config.json").read_text())
+    saved = config.get("torch_dtype") or config.get("dtype")
+    if isinstance(saved, str) and saved != "float32" and hasattr(torch, saved):
+        model.to(getattr(torch, saved))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,8 @@ def distill(config: DistillConfig, source: Path, out: Path, calibration: list[li
                 ids = torch.tensor([window])
                 t_logits = teacher(input_ids=ids).logits
                 s_logits = student(input_ids=ids).logits
-                teacher_taps.take(), student_taps.take()
+                teacher_taps.take()  # the held-out passes' states are not compared
+                student_taps.take()
                 ce += float(torch.nn.functional.cross_entropy(s_logits[0, :-1], ids[0, 1:]))
                 _, k, _ = distill_loss(s_logits, t_logits, [], [], 1.0, 1.0, 0.0)
                 kl += k
@@ -209,15 +211,14 @@ def distill(config: DistillConfig, source: Path, out: Path, calibration: list[li
             last_save = time.monotonic()
     if not history["held_out"] or history["held_out"][-1].get("step") != step:
         history["held_out"].append(held_out_losses())
-    teacher_taps.remove(), student_taps.remove()
+    teacher_taps.remove()
+    student_taps.remove()
     history["seconds"] = round(time.monotonic() - started, 1)
     history["stopped_by"] = "steps" if step >= config.steps else "time budget"
 
     save_like_source(student, source, out)
     (out / HISTORY).write_text(json.dumps(history, indent=1) + "\n")
     plot_history(history, out / CURVE)
-    import shutil
-
     shutil.rmtree(saved, ignore_errors=True)
     first, last = history["held_out"][0], history["held_out"][-1]
     return Artifact(method=config.method, model_path=out, calibration_samples=len(train), details={

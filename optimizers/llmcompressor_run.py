@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
+from optimizers.base import to_source_dtype
 from optimizers.data import spread
 from optimizers.job import calibration_budget_s, calibration_dtype_name
 from optimizers.progress import MIN_WINDOWS, OverBudget, emit_stage, layer_progress, sized_windows
@@ -65,10 +65,7 @@ def oneshot_to_dir(source: Path, out: Path, recipe: Any, calibration: list[list[
             windows = spread(windows, fit)
             del model
     if dtype != "auto":  # calibrated in float32 for speed; the artifact keeps the checkpoint's dtype
-        config = json.loads((Path(source) / "config.json").read_text())
-        saved = config.get("torch_dtype") or config.get("dtype")
-        if isinstance(saved, str) and saved != "float32" and hasattr(torch, saved):
-            model.to(getattr(torch, saved))
+        to_source_dtype(model, Path(source))
     model.save_pretrained(out, save_compressed=True)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
     return len(windows)

@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import Field
 
-from optimizers.base import Artifact, InvalidConfig, MethodConfig, ModelInfo
+from optimizers.base import Artifact, InvalidConfig, MethodConfig, ModelInfo, to_source_dtype
 
 CHANNEL_MULTIPLE = 32  # kept MLP widths are a multiple of this (GEMM-friendly)
 STATS_WINDOWS = 32  # calibration windows the importance is measured on, at most
@@ -177,15 +177,9 @@ def pruned(source: Path, windows: list[list[int]], drop_layers: int, mlp_keep: f
 
 def save_like_source(model: Any, source: Path, out: Path) -> None:
     """Save `model` to `out` in the source checkpoint's dtype, with the source's tokenizer."""
-    import json
-
-    import torch
     from transformers import AutoTokenizer
 
-    config = json.loads((source / "config.json").read_text())
-    saved = config.get("torch_dtype") or config.get("dtype")
-    if isinstance(saved, str) and hasattr(torch, saved):
-        model.to(getattr(torch, saved))
+    to_source_dtype(model, source)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(source).save_pretrained(out)
 
