@@ -58,6 +58,21 @@ def tool_call_args(parser: str | None) -> tuple[str, ...]:
     return ("--enable-auto-tool-choice", "--tool-call-parser", parser) if parser else ()
 
 
+def built_head(registry: Registry, model: ModelRecord, config: MethodConfig
+               ) -> tuple[VariantRecord, MethodConfig] | None:  # fmt: skip
+    """For a chain `a+b` (optimizers/chain.py): a variant of this model that is `a` with the same config and
+    whose artifact is on disk, and `b`; then only `b` runs, on that artifact."""
+    if not isinstance(config, ChainConfig):
+        return None
+    head, last = split_last(config)
+    for variant in registry.variants(model.name):
+        if (variant.method == head.method and variant.model_path and variant.artifact_key
+                and (Path(variant.model_path) / MANIFEST).is_file()
+                and make_config(variant.method, variant.config).fingerprint() == head.fingerprint()):  # fmt: skip
+            return variant, last
+    return None
+
+
 class VariantBuilder:
     def __init__(self, registry: Registry, supervisor: EngineSupervisor, home: Path,
                  engine_config: EngineFactory, remote_engines: dict[str, RemoteEngineSpec], profile: str,
@@ -195,19 +210,6 @@ class VariantBuilder:
         self.registry.update_job(job_id, state="succeeded", stage="done")
         return True
 
-    def _built_head(self, model: ModelRecord, config: MethodConfig) -> tuple[VariantRecord, MethodConfig] | None:
-        """For a chain `a+b` (optimizers/chain.py): a variant of this model that is `a` with the same config and
-        whose artifact is on disk, and `b`; then only `b` runs, on that artifact."""
-        if not isinstance(config, ChainConfig):
-            return None
-        head, last = split_last(config)
-        for variant in self.registry.variants(model.name):
-            if (variant.method == head.method and variant.model_path and variant.artifact_key
-                    and (Path(variant.model_path) / MANIFEST).is_file()
-                    and make_config(variant.method, variant.config).fingerprint() == head.fingerprint()):  # fmt: skip
-                return variant, last
-        return None
-
     async def _compress(self, model: ModelRecord, record: VariantRecord) -> VariantRecord:
         config = make_config(record.method, record.config)
         key = artifact_key(model.source_sha256, config, self.profile)
@@ -220,7 +222,7 @@ class VariantBuilder:
         job = CompressionJob(record.method, Path(model.checkpoint_path), out, profile=self.profile,
                              config=tuple(record.config.items()))
         earlier_s = 0.0
-        built = self._built_head(model, config)
+        built = built_head(self.registry, model, config)
         if built is not None and built[0].model_path:  # the chain's head is built already: its last step on it
             head, last = built
             logger.info("%s: %s on %s's artifact", record.id, last.method, head.id)

@@ -58,6 +58,18 @@ def host_ladder(configs: list[MethodConfig], kernels: KernelProbe, info: ModelIn
     return ladder, unsupported
 
 
+def variant_details(home: Path, artifact_key: str | None) -> dict[str, Any] | None:
+    """What the job that made a variant said of it (its manifest's `details`: a pruned rung's sparsity or
+    removed layers, a distilled student's training), else None."""
+    if not artifact_key:
+        return None
+    try:
+        manifest = read_manifest(artifact_dir(home, artifact_key))
+    except (OSError, ValueError):
+        return None
+    return manifest.get("details") if isinstance(manifest, dict) else None
+
+
 class ModelService:
     def __init__(self, settings: Settings, registry: Registry, builder: VariantBuilder,
                  supervisor: EngineSupervisor, device: str, kernels: KernelProbe | None = None) -> None:
@@ -137,17 +149,6 @@ class ModelService:
             return queued(queue.index(v.id) + at_work, time.time() - v.created_at)
         return None
 
-    def _details(self, v: VariantRecord) -> dict[str, Any] | None:
-        """What the job that made the variant said of it (its manifest's `details`: a pruned rung's sparsity or
-        removed layers, a distilled student's training), else None."""
-        if not v.artifact_key:
-            return None
-        try:
-            manifest = read_manifest(artifact_dir(self.settings.home, v.artifact_key))
-        except (OSError, ValueError):
-            return None
-        return manifest.get("details") if isinstance(manifest, dict) else None
-
     def describe(self, name: str | None = None) -> list[dict[str, Any]]:
         models = [self.registry.model(name)] if name else self.registry.models()
         queue = self.registry.pending_queue()
@@ -161,7 +162,7 @@ class ModelService:
                 row["config"] = v.config
                 row["jobs"] = [j.id for j in self.registry.jobs(v.id)]
                 row["progress"] = self._progress(v, queue, at_work)
-                row["details"] = self._details(v)
+                row["details"] = variant_details(self.settings.home, v.artifact_key)
                 variants.append(row)
             out.append({**asdict(model), "variants": variants})
         return out

@@ -267,11 +267,10 @@ def test_a_chain_splits_into_its_head_and_last_step() -> None:
 def test_the_builder_runs_only_the_last_step_on_a_head_it_built_already(tmp_path: Path) -> None:
     """server/registry/builder.py: `distill` and `distill+int8` registered together train once."""
     import time
-    from types import SimpleNamespace
 
     from optimizers.job import MANIFEST
     from optimizers.registry import make_config
-    from server.registry.builder import VariantBuilder
+    from server.registry.builder import built_head
     from server.registry.store import ModelRecord, Registry, VariantState
 
     registry = Registry(tmp_path / "registry.sqlite3")
@@ -279,10 +278,8 @@ def test_the_builder_runs_only_the_last_step_on_a_head_it_built_already(tmp_path
     short, chained = make_config("distill", {"steps": 7}), make_config("distill+int8")
     registry.add_model(model, [("bf16", "base", 16, {}), ("distill", "distill", 16, short.model_dump()),
                                ("distill+int8", "distill+int8", 8, chained.model_dump())])  # fmt: skip
-    builder = SimpleNamespace(registry=registry)
-
-    def head_of(config):  # VariantBuilder._built_head on this registry
-        return VariantBuilder._built_head(builder, model, config)  # type: ignore[arg-type]
+    def head_of(config):
+        return built_head(registry, model, config)
 
     assert head_of(make_config("int8")) is None  # not a chain
     assert head_of(chained) is None  # its head not built
@@ -299,18 +296,15 @@ def test_the_builder_runs_only_the_last_step_on_a_head_it_built_already(tmp_path
 
 def test_the_admin_view_of_a_variant_carries_what_its_job_said_of_it(tmp_path: Path) -> None:
     """GET /admin/models: a variant's `details` come from its artifact's manifest (server/registry/service.py)."""
-    from types import SimpleNamespace
-
     from optimizers.job import MANIFEST
-    from server.registry.service import ModelService
+    from server.registry.service import variant_details
 
-    service = SimpleNamespace(settings=SimpleNamespace(home=tmp_path))
     (tmp_path / "artifacts" / "k").mkdir(parents=True)
     said = {"steps": 184, "held_out_ppl": "40.163 -> 22.457"}
     (tmp_path / "artifacts" / "k" / MANIFEST).write_text(json.dumps({"method": "distill", "details": said}))
 
     def details(key: str | None):
-        return ModelService._details(service, SimpleNamespace(artifact_key=key))  # type: ignore[arg-type]
+        return variant_details(tmp_path, key)
 
     assert details("k") == said
     assert details(None) is None and details("gone") is None
