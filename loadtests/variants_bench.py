@@ -1,6 +1,7 @@
 """Variants side by side: size, perplexity as served, time to make, throughput.
 
     python -m loadtests.variants_bench [--profile full|fast] [--methods int8 int4-gptq awq] [--reuse]
+    python -m loadtests.variants_bench --methods 'gentle=prune-structured:{"drop_layers": 1}'   # own fields
 
 Compresses each method (reusing finished variants), serves each variant with its own vLLM engine,
 measures perplexity on the profile's evaluation windows through prompt_logprobs, a greedy sanity
@@ -29,6 +30,7 @@ from optimizers.data import PROFILES, tokenized_split
 from optimizers.evaluate import perplexity, sanity_answer, throughput
 from optimizers.job import checkpoint_bytes
 from server.bootstrap import local_engine_config
+from server.cli_models import parse_variant
 from server.engines.hardware import detect
 from server.jobs.compress import CompressionJob, run_compression
 from server.models.embedded import ensure_checkpoint, find_bundled_gguf
@@ -102,7 +104,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
     def save() -> None:
         measured = {row["variant"] for row in result["rows"]}
-        order = ["bf16", *args.methods]
+        order = ["bf16", *(_named(m)[0] for m in args.methods)]
         extra = [row for row in kept if row["variant"] not in measured]
         result["rows"] = sorted([*result["rows"], *extra],
                                 key=lambda r: order.index(r["variant"].split("@")[1]) if r["variant"].split("@")[1]
@@ -115,23 +117,32 @@ async def main_async(args: argparse.Namespace) -> None:
     result["rows"].append({**row, "mb": checkpoint_bytes(base) / 1e6, "ppl_delta": None, "seconds_to_make": None})
     save()
     print(render(result), flush=True)
-    for method in args.methods:
-        out = settings.home / "variants" / f"{method}-{args.profile}"
+    for name, method, config in (_named(m) for m in args.methods):
+        out = settings.home / "variants" / f"{name}-{args.profile}"
         finished = out / "quantgate-variant.json"
         if args.reuse and finished.is_file():  # made earlier (e.g. by the registry): measured, not remade
             manifest = json.loads(finished.read_text())
         else:
-            manifest = await run_compression(CompressionJob(method, base, out, profile=args.profile),
-                                             settings.logs_dir / f"compress-{method}-{args.profile}.log",
+            manifest = await run_compression(CompressionJob(method, base, out, profile=args.profile,
+                                                            config=tuple(config.items())),
+                                             settings.logs_dir / f"compress-{name}-{args.profile}.log",
                                              timeout_s=args.timeout_s)  # fmt: skip
         model_dir = Path(manifest["model_path"]) if manifest["on_load"] else out
-        row, _ = await measure(settings, f"smollm2-135m@{method}", model_dir, tuple(manifest["engine_args"]), windows,
+        row, _ = await measure(settings, f"smollm2-135m@{name}", model_dir, tuple(manifest["engine_args"]), windows,
                                reference)
         size = manifest["size_bytes"] or checkpoint_bytes(base)
         result["rows"].append({**row, "mb": size / 1e6, "ppl_delta": row["ppl"] / base_ppl - 1,
                                "seconds_to_make": manifest["seconds_to_make"], "manifest": manifest})
         save()
         print(render(result), flush=True)
+
+
+def _named(text: str) -> tuple[str, str, dict]:
+    """A --methods entry: a method (its defaults) or NAME=METHOD:JSON as `quantgate models add --variant` takes."""
+    if "=" not in text:
+        return text, text, {}
+    variant = parse_variant(text)
+    return variant["name"], variant["method"], variant["config"]
 
 
 def main() -> None:

@@ -35,6 +35,8 @@ class ModelInfo:
     intermediate_size: int
     num_layers: int
     tie_word_embeddings: bool
+    num_heads: int = 0  # attention (query) heads; 0 where not known
+    num_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 where not known
 
     @classmethod
     def from_checkpoint(cls, path: Path) -> ModelInfo:
@@ -45,6 +47,8 @@ class ModelInfo:
             intermediate_size=int(config.get("intermediate_size", config["hidden_size"] * 4)),
             num_layers=int(config.get("num_hidden_layers", 0)),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            num_heads=int(config.get("num_attention_heads", 0)),
+            num_kv_heads=int(config.get("num_key_value_heads", config.get("num_attention_heads", 0))),
         )
 
     @property

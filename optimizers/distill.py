@@ -46,6 +46,7 @@ class DistillConfig(MethodConfig):
     # The student: the source pruned as prune-structured prunes it.
     drop_layers: int = Field(4, ge=0, description="decoder layers the student drops (lowest block influence)")
     mlp_keep: float = Field(0.75, gt=0.0, le=1.0, description="share of each MLP's channels the student keeps")
+    heads_keep: float = Field(1.0, gt=0.0, le=1.0, description="share of each KV group's query heads it keeps")
     temperature: float = Field(2.0, gt=0.0, le=20.0, description="T of the KL term")
     alpha: float = Field(1.0, ge=0.0, description="weight of the KL term")
     beta: float = Field(1.0, ge=0.0, description="weight of the hidden-state term")
@@ -61,7 +62,7 @@ class DistillConfig(MethodConfig):
     seed: int = 0
 
     def check(self, model: ModelInfo, device: str) -> None:
-        check_shape(self.drop_layers, self.mlp_keep, model, self.method)
+        check_shape(self.drop_layers, self.mlp_keep, model, self.method, self.heads_keep)
 
 
 def distill_loss(student_logits: Any, teacher_logits: Any, student_hidden: list[Any], teacher_hidden: list[Any],
@@ -130,7 +131,7 @@ def distill(config: DistillConfig, source: Path, out: Path, calibration: list[li
 
     teacher = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     teacher.eval().requires_grad_(False)
-    student, details = pruned(source, calibration, config.drop_layers, config.mlp_keep)
+    student, details = pruned(source, calibration, config.drop_layers, config.mlp_keep, config.heads_keep)
     kept: list[int] = details["kept_layers"]
     student.train()
     student.config.use_cache = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -82,11 +83,32 @@ def variants_table(models: list[dict]) -> Table:
     return table
 
 
+def parse_variant(text: str) -> dict:
+    """`--variant NAME=METHOD[:JSON]` as the admin API's variant object: `pruned-1=prune-structured:{"drop_layers":
+    1}` -> {"name": "pruned-1", "method": "prune-structured", "config": {"drop_layers": 1}}."""
+    name, sep, rest = text.partition("=")
+    method, colon, fields = rest.partition(":")
+    if not sep or not name.strip() or not method.strip():
+        raise typer.BadParameter(f"{text!r}: expected NAME=METHOD or NAME=METHOD:JSON")
+    config = {}
+    if colon:
+        try:
+            config = json.loads(fields)
+        except ValueError:
+            raise typer.BadParameter(f"{text!r}: the fields after ':' are not JSON") from None
+        if not isinstance(config, dict):
+            raise typer.BadParameter(f"{text!r}: the fields after ':' must be a JSON object")
+    return {"name": name.strip(), "method": method.strip(), "config": config}
+
+
 @app.command("add")
 def add(
     path: str = typer.Argument(..., help="HF checkpoint directory or .gguf file (a path on the gateway's host)"),
     name: str = typer.Option(..., "--name", help="logical model name, e.g. llama-3.1-8b"),
     variants: str = typer.Option(None, "--variants", help="comma-separated methods, e.g. int8,int4-gptq,awq"),
+    variant: list[str] = typer.Option(None, "--variant", help="a rung with its own name and fields, as "
+                                      "NAME=METHOD:JSON, e.g. 'pruned-1=prune-structured:{\"drop_layers\": 1}' "
+                                      "(repeatable; added to --variants' rungs, or the only ones without it)"),
     max_ppl_delta: float = typer.Option(None, "--max-ppl-delta", help="quality floor, e.g. 0.3 for +30%"),
     tool_call_parser: str = typer.Option(None, "--tool-call-parser",
                                          help="vLLM's parser for the model's tool calls, e.g. hermes"),
@@ -97,6 +119,8 @@ def add(
     body: dict = {"path": os.path.abspath(path) if os.path.exists(path) else path, "name": name}
     if variants is not None:
         body["variants"] = [m.strip() for m in variants.split(",") if m.strip()]
+    if variant:
+        body["variants"] = body.get("variants", []) + [parse_variant(v) for v in variant]
     if max_ppl_delta is not None:
         body["max_ppl_delta"] = max_ppl_delta
     if tool_call_parser is not None:

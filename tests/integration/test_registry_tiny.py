@@ -105,6 +105,10 @@ def _checkpoint(path: Path, extra: dict[str, bytes]) -> Path:
     ({"path": "remote", "name": "r"}, 400, "remote-code models are refused"),
     ({"path": "GGUF", "name": "x", "variants": ["fp8"]}, 400, "fp8 is refused on CPU"),
     ({"path": "GGUF", "name": "x", "variants": ["int3"]}, 400, "unknown method 'int3'"),
+    ({"path": "GGUF", "name": "x", "variants": [{"method": "prune-structured", "name": "p1", "config": {
+        "drop_layers": 30}}]}, 400, "p1: prune-structured: drop_layers 30"),
+    ({"path": "GGUF", "name": "x", "variants": [{"method": "int8", "config": {"nope": 1}}]}, 400, "nope"),
+    ({"path": "GGUF", "name": "x", "variants": [{"method": "int8", "name": "bf16"}]}, 400, "base variant's"),
     ({"path": "GGUF", "name": "Bad@Name"}, 400, "must match"),
     ({"path": "/nowhere", "name": "x"}, 400, "neither a checkpoint directory nor a .gguf file"),
     ({"path": "GGUF", "name": "x", "tool_call_parser": "nope"}, 400, "is not one of the installed vLLM's"),

@@ -1,21 +1,25 @@
-"""The ladder a host gets (server/registry/service.py: host_ladder): rungs its engine cannot run are
-kept as `unsupported` with the reason, and the 4-bit ones get torchao's CPU int4 rung in their place;
-and the pieces that let vLLM serve that rung (server/engines/vllm_plugin.py, the engine's env and dtype)."""
+"""The ladder a host gets (server/registry/service.py: variant_configs, host_ladder): the rungs asked for,
+named and with their own fields where given; rungs its engine cannot run are kept as `unsupported` with
+the reason, and the 4-bit ones get torchao's CPU int4 rung in their place; and the pieces that let vLLM
+serve that rung (server/engines/vllm_plugin.py, the engine's env and dtype)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
+from optimizers.base import InvalidConfig
 from optimizers.registry import make_config
 from server.bootstrap import local_engine_config
 from server.engines.hardware import Hardware
 from server.engines.local import LocalEngineConfig
 from server.engines.probe import KernelProbe
 from server.engines.vllm_plugin import TORCHAO_ENV, TORCHAO_INT4_MODULE, register
-from server.registry.service import host_ladder
+from server.registry.ingest import IngestError
+from server.registry.service import VariantSpec, host_ladder, variant_configs
 from server.settings import Settings
 from tests.unit.test_optimizer_configs import LLAMA8B, SMOLLM2
 
@@ -25,8 +29,40 @@ AVX512 = KernelProbe(device="cpu", kernels={"w4a16": True, "w8a8": True, "w4a16-
 
 
 def _ladder(methods: list[str], kernels: KernelProbe, device: str = "cpu") -> tuple[list[str], dict[str, str]]:
-    configs, unsupported = host_ladder([make_config(m) for m in methods], kernels, SMOLLM2, device)
-    return [c.method for c in configs], unsupported
+    named, unsupported = host_ladder([(m, make_config(m)) for m in methods], kernels, SMOLLM2, device)
+    assert all(name == config.method for name, config in named)
+    return [name for name, _ in named], unsupported
+
+
+def test_rungs_are_named_by_their_method_or_by_their_own_name_with_their_own_fields() -> None:
+    named = variant_configs(["int8", VariantSpec("prune-structured", {"drop_layers": 1}, "pruned-1"), "int8"])
+    assert [(name, config.method) for name, config in named] == [("int8", "int8"), ("pruned-1", "prune-structured")]
+    pruned = named[1][1].model_dump()
+    assert (pruned["drop_layers"], pruned["mlp_keep"]) == (1, 0.75)  # the rest are the method's defaults
+    two = variant_configs([VariantSpec("int8", {"smoothing_strength": 0.5}, "int8-light"), "int8"])
+    assert [name for name, _ in two] == ["int8-light", "int8"]
+
+
+@pytest.mark.parametrize(("specs", "error", "fragment"), [
+    ([VariantSpec("int8", name="bf16")], IngestError, "base variant's"),
+    ([VariantSpec("int8", name="a@b")], IngestError, "must match"),
+    (["int8", VariantSpec("int8", {"smoothing_strength": 0.5})], IngestError, "twice with different fields"),
+    ([VariantSpec("prune-structured", {"drop_layers": "many"})], InvalidConfig, "drop_layers"),
+    ([VariantSpec("int8", {"nope": 1})], InvalidConfig, "nope"),
+    ([VariantSpec("distill+int8", {"steps": {"distill": [1, 2]}})], InvalidConfig, "distill+int8"),
+    ([VariantSpec("int3", name="x")], InvalidConfig, "unknown method 'int3'"),
+])  # fmt: skip
+def test_a_rung_with_a_bad_name_or_fields_is_refused_with_the_reason(specs: list, error: type,
+                                                                     fragment: str) -> None:  # fmt: skip
+    with pytest.raises(error, match=re.escape(fragment)):
+        variant_configs(specs)
+
+
+def test_a_named_rung_the_host_cannot_run_keeps_its_name_and_gets_the_substitute() -> None:
+    named = [("gptq-act", make_config("int4-gptq")), ("int8", make_config("int8"))]
+    ladder, unsupported = host_ladder(named, AVX2, SMOLLM2, "cpu")
+    assert [name for name, _ in ladder] == ["gptq-act", "int8", "int4-ao"]
+    assert set(unsupported) == {"gptq-act"} and unsupported["gptq-act"].endswith("int4-ao is built in its place")
 
 
 def test_without_a_w4a16_gemm_the_4bit_rungs_are_unsupported_and_int4_ao_takes_their_place() -> None:
@@ -54,8 +90,8 @@ def test_no_substitute_where_the_host_cannot_run_it_either() -> None:
 
 
 def test_no_substitute_where_its_config_does_not_fit_the_model() -> None:
-    configs, unsupported = host_ladder([make_config("awq")], AVX2, LLAMA8B, "cuda")  # int4-ao is CPU only
-    assert [c.method for c in configs] == ["awq"] and "in its place" not in unsupported["awq"]
+    named, unsupported = host_ladder([("awq", make_config("awq"))], AVX2, LLAMA8B, "cuda")  # int4-ao is CPU only
+    assert [n for n, _ in named] == ["awq"] and "in its place" not in unsupported["awq"]
 
 
 def test_the_plugin_lets_vllm_read_the_cpu_int4_config_only_in_torchao_engines(
@@ -107,3 +143,16 @@ def test_a_chain_whose_last_step_this_device_cannot_run_is_refused_at_registrati
         make_config("distill+fp8").check(SMOLLM2, "cpu")
     with pytest.raises(UnsupportedHere, match="int4-ao"):
         make_config("prune-structured+int4-ao").check(LLAMA8B, "cuda")
+
+
+def test_the_cli_s_variant_option_is_the_admin_api_s_variant_object() -> None:
+    import typer
+
+    from server.cli_models import parse_variant
+
+    assert parse_variant('p1=prune-structured:{"drop_layers": 1, "mlp_keep": 0.875}') == {
+        "name": "p1", "method": "prune-structured", "config": {"drop_layers": 1, "mlp_keep": 0.875}}
+    assert parse_variant("light=int8") == {"name": "light", "method": "int8", "config": {}}
+    for bad in ("int8", "=int8", "x=", "x=int8:{", "x=int8:[1]"):
+        with pytest.raises(typer.BadParameter):
+            parse_variant(bad)
