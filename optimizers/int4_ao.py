@@ -46,9 +46,14 @@ class Int4TorchaoConfig(MethodConfig):
                           "set_inductor_config": False}}  # fmt: skip
 
 
+    def engine_args(self, model: ModelInfo) -> tuple[str, ...]:
+        """vLLM's arguments to quantize a checkpoint of `model` so while loading it."""
+        overrides = {"quantization_config_dict_json": json.dumps(self.torchao_config(model))}
+        # bfloat16 activations: the kernel's float32 path ran ~9x slower than dense in a 576x1536 GEMV on
+        # this project's AVX-512 box (host-ladder.md), and vLLM's on-load quantization refuses float32.
+        return ("--quantization", "torchao", "--hf-overrides", json.dumps(overrides), "--dtype", "bfloat16")
+
+
 def quantize(config: Int4TorchaoConfig, source: Path, out: Path, calibration: list[list[int]]) -> Artifact:
-    overrides = {"quantization_config_dict_json": json.dumps(config.torchao_config(ModelInfo.from_checkpoint(source)))}
-    # bfloat16 activations: the kernel's float32 path ran ~9x slower than dense in a 576x1536 GEMV on
-    # this project's AVX-512 box (host-ladder.md), and vLLM's on-load quantization refuses float32.
-    args = ("--quantization", "torchao", "--hf-overrides", json.dumps(overrides), "--dtype", "bfloat16")
+    args = config.engine_args(ModelInfo.from_checkpoint(source))
     return Artifact(method=config.method, model_path=source, engine_args=args, on_load=True)

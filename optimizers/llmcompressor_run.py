@@ -35,13 +35,27 @@ def calibration_dtype() -> Any:
 
 
 def oneshot_to_dir(source: Path, out: Path, recipe: Any, calibration: list[list[int]]) -> int:
-    """Calibrate `source` with `recipe` on the given token windows; save compressed to `out`. Returns the
-    windows used: fewer than given when the whole would outrun the calibration's time budget
-    (optimizers/job.py: calibration_budget_s). The first layer measures the rate; past the budget the run
-    stops there and starts again, from the checkpoint, on an evenly spread subset (at most twice more)."""
+    """Calibrate `source` with `recipe` on the given token windows (`calibrated`); save compressed to `out`.
+    Returns the windows used."""
+    from transformers import AutoTokenizer
+
+    model, used = calibrated(source, recipe, calibration)
+    if calibration_dtype() != "auto":  # calibrated in float32 for speed; the artifact keeps the checkpoint's dtype
+        to_source_dtype(model, Path(source))
+    model.save_pretrained(out, save_compressed=True)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return used
+
+
+def calibrated(source: Path, recipe: Any, calibration: list[list[int]]) -> tuple[Any, int]:
+    """`source` loaded in the calibration dtype and calibrated with `recipe` on the given token windows:
+    (the model, in memory, with the recipe's quantization parameters on its modules; the windows used).
+    Fewer windows than given when the whole would outrun the calibration's time budget (optimizers/job.py:
+    calibration_budget_s): the first layer measures the rate; past the budget the run stops there and
+    starts again, from the checkpoint, on an evenly spread subset (at most twice more)."""
     import torch
     from llmcompressor.core.session_functions import create_session
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     _cpu_workarounds()
     dtype = calibration_dtype()
@@ -55,7 +69,7 @@ def oneshot_to_dir(source: Path, out: Path, recipe: Any, calibration: list[list[
         try:
             with create_session():  # a fresh session (and copy of the recipe) per attempt: nothing carried over
                 _oneshot(model, copy.deepcopy(recipe), windows, limit)
-            break
+            return model, len(windows)
         except OverBudget as over:
             assert budget is not None
             fit = sized_windows(len(windows), over.projected_s, budget)
@@ -64,11 +78,7 @@ def oneshot_to_dir(source: Path, out: Path, recipe: Any, calibration: list[list[
                        projected_s=round(over.projected_s, 1))  # fmt: skip
             windows = spread(windows, fit)
             del model
-    if dtype != "auto":  # calibrated in float32 for speed; the artifact keeps the checkpoint's dtype
-        to_source_dtype(model, Path(source))
-    model.save_pretrained(out, save_compressed=True)
-    AutoTokenizer.from_pretrained(source).save_pretrained(out)
-    return len(windows)
+    raise AssertionError("unreachable: the last attempt runs to its end")
 
 
 def _oneshot(model: Any, recipe: Any, windows: list[list[int]], budget_s: float | None) -> None:

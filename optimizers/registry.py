@@ -8,7 +8,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from optimizers import awq, bnb, chain, distill, drill, fp8, int4_ao, int4_gptq, int8, int8_wo, prune, prune_structured
+from optimizers import (
+    awq,
+    bnb,
+    chain,
+    distill,
+    drill,
+    fp8,
+    int4_ao,
+    int4_gptq,
+    int4_gptq_ao,
+    int8,
+    int8_wo,
+    prune,
+    prune_structured,
+)
 from optimizers.base import Artifact, InvalidConfig, MethodConfig
 
 Handler = Callable[[Any, Path, Path, list[list[int]]], Artifact]
@@ -18,6 +32,7 @@ METHODS: dict[type[MethodConfig], Handler] = {
     int8_wo.Int8WeightOnlyConfig: int8_wo.quantize,
     int4_gptq.Int4GptqConfig: int4_gptq.quantize,
     int4_ao.Int4TorchaoConfig: int4_ao.quantize,
+    int4_gptq_ao.Int4GptqAoConfig: int4_gptq_ao.quantize,
     awq.AwqConfig: awq.quantize,
     fp8.Fp8Config: fp8.quantize,
     bnb.BnbNf4Config: bnb.quantize_nf4,

@@ -93,6 +93,35 @@ def test_w4a16_group_tensors(method: str, symmetric: bool, tiny_llama: Path, tmp
     assert manifest["size_bytes"] > 0
 
 
+def test_int4_gptq_ao_writes_gptq_s_4_bit_values_dense_for_int4_ao_to_load(tiny_llama: Path, tmp_path: Path) -> None:
+    """optimizers/int4_gptq_ao.py: a dense checkpoint whose every decoder-linear group of 64 holds at most 16
+    values (GPTQ's levels), most of them spanning their group's min..max in 15 equal steps, served with
+    int4-ao's engine arguments (HQQ's fit at load)."""
+    import torch
+
+    manifest = _compress("int4-gptq-ao", tiny_llama, tmp_path / "g")
+    assert manifest["on_load"] is False and manifest["model_path"] == "."
+    args = manifest["engine_args"]
+    assert args[args.index("--quantization") + 1] == "torchao" and "hqq" in args[args.index("--hf-overrides") + 1]
+    assert "quantization_config" not in json.loads((tmp_path / "g" / "config.json").read_text())
+    weights = _weights(tmp_path / "g")
+    source = _weights(tiny_llama)
+    on_grid = total = 0
+    for name, weight in weights.items():
+        if ".layers." not in name or not name.endswith("proj.weight"):
+            assert weight.equal(source[name]), name  # embeddings and norms untouched
+            continue
+        groups = weight.float().reshape(-1, 64)
+        assert max(len(torch.unique(g)) for g in groups) <= 16, name
+        low, high = groups.min(-1, keepdim=True).values, groups.max(-1, keepdim=True).values
+        steps = (groups - low) / ((high - low) / 15).clamp_min(1e-12)
+        on_grid += int(((steps - steps.round()).abs().amax(-1) < 0.1).sum())
+        total += groups.shape[0]
+        assert not weight.equal(source[name]), name  # quantized
+    assert on_grid / total > 0.7, (on_grid, total)
+    assert manifest["details"]["quantized_layers"] == 14
+
+
 def test_a_finished_variant_is_reused(tiny_llama: Path, tmp_path: Path) -> None:
     first = _compress("int4-gptq", tiny_llama, tmp_path / "v")
     events: list[dict] = []

@@ -45,7 +45,8 @@ def test_every_servable_method_has_a_handler() -> None:
         ("int8", {"smoothing_strength": 1.5}, "less than or equal to 1"),
         ("awq", {"n_grid": 1}, "greater than or equal to 2"),
         ("int4-ao", {"group_size": 48}, "group_size: Input should be 32, 64, 128 or 256"),
-        ("int3", {}, "unknown method 'int3'; known: awq, bnb-int8, bnb-nf4, distill, drill-broken, fp8, int4-ao, int4-gptq, int8, int8-wo"),
+        ("int3", {}, "unknown method 'int3'; known: awq, bnb-int8, bnb-nf4, distill, drill-broken, fp8, int4-ao, int4-gptq, "
+                           "int4-gptq-ao, int8, int8-wo"),
     ],
 )
 def test_bad_configs_fail_with_the_reason(method: str, fields: dict, fragment: str) -> None:
@@ -104,6 +105,18 @@ def test_int4_ao_is_torchaos_cpu_int4_applied_on_load(tmp_path) -> None:
     assert ao["_data"]["group_size"] == 64 and ao["_data"]["int4_choose_qparams_algorithm"] == "hqq"
     with pytest.raises(UnsupportedHere, match="CPU int4 kernel"):
         config.check(LLAMA8B, "cuda")
+
+
+def test_int4_gptq_ao_is_calibrated_on_cpu_with_int4_ao_s_group_size() -> None:
+    config = make_config("int4-gptq-ao")
+    config.check(SMOLLM2, "cpu")
+    assert (config.bits, config.needs_calibration, config.kernel) == (4, True, "w4a16-torchao")
+    at_load = config.at_load()
+    assert (at_load.method, at_load.group_size, at_load.qparams) == ("int4-ao", None, "hqq")
+    with pytest.raises(UnsupportedHere, match="on CUDA use int4-gptq"):
+        config.check(LLAMA8B, "cuda")
+    with pytest.raises(InvalidConfig, match="actorder"):
+        make_config("int4-gptq-ao", {"actorder": "group"})  # its groups must stay contiguous
 
 
 def test_split_is_disjoint_and_fixed() -> None:
