@@ -215,20 +215,15 @@ def _prune_heads(attention: Any, importance: Any, before: tuple[int, int], after
                  for h in torch.topk(importance[g * group:(g + 1) * group], per_group).indices.sort().values]
         kv = list(range(before[1]))  # fmt: skip
 
-    def dims(kept: list[int]) -> Any:
-        return torch.tensor([h * d + j for h in kept for j in range(d)])
+    def dims(kept: list[int]) -> Any:  # each kept head's rows (or columns): h x d .. h x d + d - 1
+        return (torch.tensor(kept)[:, None] * d + torch.arange(d)).flatten()
 
     attention.q_proj = _rows(attention.q_proj, dims(heads))
     attention.o_proj = _columns(attention.o_proj, dims(heads))
     if kv != list(range(before[1])):
         attention.k_proj = _rows(attention.k_proj, dims(kv))
         attention.v_proj = _rows(attention.v_proj, dims(kv))
-    attention.num_key_value_groups = after[0] // after[1]
-    for name in ("num_heads", "num_attention_heads"):  # older attention classes keep their counts
-        if hasattr(attention, name):
-            setattr(attention, name, after[0])
-    if hasattr(attention, "num_key_value_heads"):
-        attention.num_key_value_heads = after[1]
+    attention.num_key_value_groups = after[0] // after[1]  # the rest is read from the projections' shapes
     return heads
 
 

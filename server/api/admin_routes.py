@@ -21,7 +21,7 @@ from server.api.deps import (
     SupervisorDep,
     require_admin,
 )
-from server.registry.service import VariantSpec
+from server.registry.service import VARIANT_NAME, VariantSpec
 from server.routing.types import Budget, RequestFeatures
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
@@ -33,7 +33,7 @@ class VariantRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: str = Field(min_length=1, max_length=200, description="a method or a chain of them, e.g. prune-structured")
-    name: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$",
+    name: str | None = Field(None, min_length=1, max_length=64, pattern=VARIANT_NAME.pattern,
                              description="the variant's name (model@name); the method's by default")
     config: dict[str, Any] = Field(default_factory=dict, max_length=64,
                                    description="the method's fields, e.g. {\"drop_layers\": 2, \"mlp_keep\": 0.875}")
