@@ -101,6 +101,18 @@ def parse_variant(text: str) -> dict:
     return {"name": name.strip(), "method": method.strip(), "config": config}
 
 
+def _rungs(variants: str | None, variant: list[str] | None, max_ppl_delta: float | None) -> dict:
+    """The body's `variants` (--variants' methods, then each --variant) and `max_ppl_delta`, where given."""
+    body: dict = {}
+    if variants is not None:
+        body["variants"] = [m.strip() for m in variants.split(",") if m.strip()]
+    if variant:
+        body["variants"] = body.get("variants", []) + [parse_variant(v) for v in variant]
+    if max_ppl_delta is not None:
+        body["max_ppl_delta"] = max_ppl_delta
+    return body
+
+
 @app.command("add")
 def add(
     path: str = typer.Argument(..., help="HF checkpoint directory or .gguf file (a path on the gateway's host)"),
@@ -117,24 +129,56 @@ def add(
 ) -> None:
     """Register a checkpoint and build its variants (progress shown until done)."""
     body: dict = {"path": os.path.abspath(path) if os.path.exists(path) else path, "name": name}
-    if variants is not None:
-        body["variants"] = [m.strip() for m in variants.split(",") if m.strip()]
-    if variant:
-        body["variants"] = body.get("variants", []) + [parse_variant(v) for v in variant]
-    if max_ppl_delta is not None:
-        body["max_ppl_delta"] = max_ppl_delta
+    body.update(_rungs(variants, variant, max_ppl_delta))
     if tool_call_parser is not None:
         body["tool_call_parser"] = tool_call_parser
     with _client(url) as client:
         model = _call(client, "POST", "/admin/models", json=body)
-        if not wait:
-            console.print(variants_table([model]))
-            return
-        with Live(variants_table([model]), console=console, refresh_per_second=2) as live:
-            while not all(v["state"] in TERMINAL for v in model["variants"]):
-                time.sleep(2)
-                model = _call(client, "GET", f"/admin/models/{name}")
-                live.update(variants_table([model]))
+        _follow(client, model, name, wait)
+
+
+@app.command("merge")
+def merge(
+    models: list[str] = typer.Argument(..., help="registered models of one architecture (slerp: exactly two)"),
+    name: str = typer.Option(..., "--name", help="the merged model's name"),
+    t: str = typer.Option("0.5", "--t", help="slerp: 0 is the first model, 1 the second; or a JSON schedule, e.g. "
+                          "'[0, 0.5, 1]' over the layers or '[{\"filter\": \"self_attn\", \"value\": 0.3}, "
+                          "{\"value\": 0.6}]'"),
+    method: str = typer.Option("slerp", "--method", help="slerp or linear"),
+    weights: str = typer.Option(None, "--weights", help="linear: comma-separated, one per model"),
+    variants: str = typer.Option(None, "--variants", help="comma-separated methods of the merged model's rungs"),
+    variant: list[str] = typer.Option(None, "--variant", help="a rung as NAME=METHOD:JSON (repeatable)"),
+    max_ppl_delta: float = typer.Option(None, "--max-ppl-delta", help="quality floor, e.g. 0.3 for +30%"),
+    wait: bool = typer.Option(True, help="follow the build until every variant is ready, rejected or failed"),
+    url: str = typer.Option(None, help="gateway URL (default from QUANTGATE_HOST/PORT)"),
+) -> None:
+    """Merge registered models into a new one (SLERP or linear), then build and gate it like any model."""
+    try:
+        schedule = json.loads(t)
+    except ValueError:
+        raise typer.BadParameter(f"--t {t!r} is neither a number nor JSON") from None
+    body: dict = {"models": models, "name": name, "method": method, "t": schedule}
+    if weights is not None:
+        try:
+            body["weights"] = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"--weights {weights!r}: comma-separated numbers") from None
+    body.update(_rungs(variants, variant, max_ppl_delta))
+    with _client(url) as client:
+        model = _call(client, "POST", "/admin/merges", json=body)
+        _follow(client, model, name, wait)
+
+
+def _follow(client: httpx.Client, model: dict, name: str, wait: bool) -> None:
+    """Show the model's variants until every one is ready, rejected, failed or unsupported; exit 1 if one failed."""
+    if not wait:
+        console.print(variants_table([model]))
+        return
+    with Live(variants_table([model]), console=console, refresh_per_second=2) as live:
+        while not all(v["state"] in TERMINAL for v in model["variants"]):
+            time.sleep(2)
+            model = _call(client, "GET", f"/admin/models/{name}")
+            live.update(variants_table([model]))
     failed = [v["id"] for v in model["variants"] if v["state"] == "failed"]
     raise typer.Exit(1 if failed else 0)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Query
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -54,12 +54,49 @@ class AddModel(BaseModel):
                     "are refused. The chat template must render tools.")  # fmt: skip
 
 
+class ScheduleFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filter: str | None = Field(None, max_length=200, description="a substring of the tensor's name; * or none: all")
+    value: float | list[float] = Field(description="t for the tensors it matches: a number or a layer gradient")
+
+
+class MergeModels(BaseModel):
+    """A model merged from registered ones (optimizers/merge.py), then built and gated like any model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(
+        min_length=2, max_length=8, description="registered models of one architecture (slerp: exactly two)")
+    name: str = Field(min_length=1, max_length=64)
+    method: Literal["slerp", "linear"] = "slerp"
+    t: float | list[float] | list[ScheduleFilter] = Field(
+        0.5, description="slerp: 0 is the first model, 1 the second; a list is a gradient over the layers, "
+                         "filters pick a value by tensor name (mergekit's parameter language)")
+    weights: list[float] | None = Field(None, max_length=8, description="linear: one weight per model (default equal)")
+    variants: list[str | VariantRequest] | None = Field(
+        None, max_length=32, description="rungs of the merged model; default QUANTGATE_DEFAULT_VARIANTS")
+    max_ppl_delta: float | None = Field(None, gt=0, le=100)
+
+
 @router.post("/models", status_code=202)
 async def add_model(body: AddModel, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
     """Register a checkpoint; its variants are built in the background (see GET /admin/models/{name})."""
     variants = settings.default_variants if body.variants is None else tuple(
         v if isinstance(v, str) else VariantSpec(v.method, v.config, v.name) for v in body.variants)
     record = await models.add(Path(body.path), body.name, variants, body.max_ppl_delta, body.tool_call_parser)
+    return JSONResponse(models.describe(record.name)[0], status_code=202)
+
+
+@router.post("/merges", status_code=202)
+async def merge_models(body: MergeModels, models: ModelsDep, settings: SettingsDep) -> JSONResponse:
+    """Merge registered models into a new one; its checkpoint is written and its variants built in the
+    background (see GET /admin/models/{name})."""
+    variants = settings.default_variants if body.variants is None else tuple(
+        v if isinstance(v, str) else VariantSpec(v.method, v.config, v.name) for v in body.variants)
+    t = [f.model_dump() for f in body.t] if isinstance(body.t, list) and body.t and isinstance(
+        body.t[0], ScheduleFilter) else body.t
+    record = await models.merge(body.models, body.name, body.method, t, body.weights, variants, body.max_ppl_delta)
     return JSONResponse(models.describe(record.name)[0], status_code=202)
 
 

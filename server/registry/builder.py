@@ -37,6 +37,7 @@ from server.jobs.compress import CompressionFailed, CompressionJob, run_compress
 from server.models.embedded import ConversionFailed, convert_gguf
 from server.registry.artifacts import artifact_dir, artifact_key
 from server.registry.ingest import IngestError, inspect_hf_dir
+from server.registry.merging import MergeFailed, MergeRecipe, run_merge
 from server.registry.progress import BuildProgress
 from server.registry.store import ModelRecord, Registry, RegistryError, VariantRecord, VariantState
 from server.routing.predictor import LatencyBook, LatencyPriors
@@ -166,10 +167,10 @@ class VariantBuilder:
                 self._fail(record.id, "the model's checkpoint was never written: its base variant's conversion "
                                       "failed (see the base's reason)")
                 return
-            if model.source_kind != "gguf":
+            if model.source_kind not in ("gguf", "merge"):
                 self._fail(record.id, f"its checkpoint {model.checkpoint_path} is gone")
                 return
-            if not await self._convert(model, record):
+            if not await (self._convert(model, record) if model.source_kind == "gguf" else self._merge(model, record)):
                 return
         if record.method == "base" or record.id in self.remote_engines:
             path = model.checkpoint_path if record.method == "base" else None
@@ -207,6 +208,26 @@ class VariantBuilder:
         if architecture != model.architecture:
             logger.warning("%s: the GGUF's metadata said %s, its conversion is a %s", model.name,
                            model.architecture, architecture)
+        self.registry.update_job(job_id, state="succeeded", stage="done")
+        return True
+
+    async def _merge(self, model: ModelRecord, record: VariantRecord) -> bool:
+        """Write a merged model's checkpoint from its recipe (server/registry/merging.py), as its base variant's
+        job. False, with the base failed, if it cannot be (a parent's checkpoint gone, the merge refused)."""
+        log_path = self.home / "logs" / f"merge-{record.id}.log"
+        self.progress.phase(record.id, "merging the parents")
+        job_id = self.registry.start_job(record.id, "merging")
+        self.registry.transition(record.id, VariantState.CONVERTING, log_path=str(log_path), reason=None)
+        try:
+            recipe = MergeRecipe.read(Path(model.source_path))
+            done = await run_merge(recipe, Path(model.checkpoint_path), log_path,
+                                   on_event=lambda event: self.progress.event(record.id, event),
+                                   on_start=lambda pid: self.registry.update_job(job_id, pid=pid))  # fmt: skip
+        except (MergeFailed, OSError, ValueError, KeyError) as exc:
+            self.registry.update_job(job_id, state="failed", error=str(exc))
+            self._fail(record.id, f"merging failed: {exc}")
+            return False
+        logger.info("%s merged (%s) into %s: %s", model.name, recipe.method, model.checkpoint_path, done)
         self.registry.update_job(job_id, state="succeeded", stage="done")
         return True
 

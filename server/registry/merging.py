@@ -1,0 +1,105 @@
+"""Models merged from registered ones (optimizers/merge.py): the recipe, and the job that writes the checkpoint.
+
+A merged model registers at once, like a GGUF source: its recipe (parents' checkpoints and digests, method, t or
+weights) is written under the home's `merges/` and is the model's `source_path`; its checkpoint is written by
+its base variant's job (state `converting`, phase "merging the parents"), in a process of its own, then every
+rung is built, evaluated and gated like any model's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from server.process import child_environment, die_with_parent
+
+
+class MergeFailed(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    parents: tuple[str, ...]  # model names, as registered when the merge was asked for
+    checkpoints: tuple[str, ...]  # their checkpoint directories
+    digests: tuple[str, ...]  # their source digests: the recipe's identity
+    method: str
+    t: Any = None  # slerp: a number or mergekit's schedule
+    weights: tuple[float, ...] | None = None  # linear
+
+    def digest(self) -> str:
+        payload = {"method": self.method, "t": self.t, "weights": self.weights, "parents": self.digests}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+    def argv(self, python: str, out: Path) -> list[str]:
+        argv = [python, "-m", "optimizers.merge", *self.checkpoints, "--out", str(out), "--method", self.method]
+        if self.method == "slerp":
+            argv += ["--t", json.dumps(self.t)]
+        if self.weights is not None:
+            argv += ["--weights", json.dumps(list(self.weights))]
+        return argv
+
+    def write(self, merges_dir: Path, name: str) -> Path:
+        merges_dir.mkdir(parents=True, exist_ok=True)
+        path = merges_dir / f"{name}-{self.digest()[:24]}.json"
+        path.write_text(json.dumps(asdict(self), indent=1))
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> MergeRecipe:
+        data = json.loads(path.read_text())
+        return cls(parents=tuple(data["parents"]), checkpoints=tuple(data["checkpoints"]),
+                   digests=tuple(data["digests"]), method=data["method"], t=data.get("t"),
+                   weights=tuple(data["weights"]) if data.get("weights") is not None else None)  # fmt: skip
+
+
+def merged_checkpoint_dir(checkpoints_dir: Path, recipe: MergeRecipe) -> Path:
+    return checkpoints_dir / f"merge-{recipe.digest()[:24]}"
+
+
+async def run_merge(recipe: MergeRecipe, target: Path, log_path: Path, python: str = sys.executable,
+                    on_event: Callable[[dict], None] = lambda event: None,
+                    on_start: Callable[[int], None] = lambda pid: None) -> dict:  # fmt: skip
+    """Write the merged checkpoint into `target` (whole or not at all: optimizers/merge.py renames a finished
+    temp dir). Cancellable: the job's process group is killed and its temp dir removed."""
+    if (target / "config.json").is_file():
+        return {"cached": True}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *recipe.argv(python, target), stdout=asyncio.subprocess.PIPE, stderr=log,
+            stdin=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL),
+            env=child_environment({"HF_HUB_OFFLINE": "1"}),
+        )  # fmt: skip
+    on_start(proc.pid)
+    last: dict = {}
+    try:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and "event" in event:
+                    last = event
+                    on_event(event)
+        returncode = await proc.wait()
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await asyncio.shield(proc.wait())
+        shutil.rmtree(target.parent / f".{target.name}.partial", ignore_errors=True)
+        raise
+    if returncode != 0 or last.get("event") != "done":
+        shutil.rmtree(target.parent / f".{target.name}.partial", ignore_errors=True)
+        message = last.get("message") if last.get("event") == "error" else f"exit {returncode}; see {log_path}"
+        raise MergeFailed(f"merging {', '.join(recipe.parents)} failed: {message}")
+    return last
