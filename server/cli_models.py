@@ -183,6 +183,39 @@ def _follow(client: httpx.Client, model: dict, name: str, wait: bool) -> None:
     raise typer.Exit(1 if failed else 0)
 
 
+@app.command("export")
+def export(
+    name: str = typer.Argument(..., help="a registered model"),
+    variant: str = typer.Option("bf16", "--variant", help="its base (bf16) or a dense variant (pruned, distilled)"),
+    precision: str = typer.Option("int4", "--precision", help="fp32, int8 or int4 (ONNX Runtime's MatMulNBits)"),
+    output: str = typer.Option(None, "-o", "--output", help="the tar to write (default NAME-VARIANT-onnx-PRECISION.tar)"),
+    url: str = typer.Option(None, help="gateway URL (default from QUANTGATE_HOST/PORT)"),
+) -> None:
+    """Download the model as an ONNX Runtime GenAI model for edge devices (GET /admin/models/NAME/export/onnx),
+    waiting while the gateway exports it."""
+    path = f"/admin/models/{name}/export/onnx"
+    params = {"variant": variant, "precision": precision}
+    with _client(url) as client, console.status(f"exporting {name}@{variant} to ONNX ({precision})"):
+        while True:
+            try:
+                response = client.get(path, params=params)
+            except httpx.ConnectError:
+                console.print(f"[red]no gateway at {client.base_url}[/red]: start one with `quantgate serve`")
+                raise typer.Exit(1) from None
+            if response.status_code != 202:
+                break
+            time.sleep(float(response.headers.get("retry-after", "5")))
+    if response.status_code != 200:
+        message = response.json().get("error", {}).get("message", response.text)
+        console.print(f"[red]{response.status_code}[/red] {message}")
+        raise typer.Exit(1)
+    target = output or f"{name}-{variant}-onnx-{precision}.tar"
+    with open(target, "wb") as file:
+        file.write(response.content)
+    console.print(f"wrote {target} ({len(response.content) / 1e6:.1f} MB): `tar xf` it, then load the directory "
+                  "with onnxruntime_genai.Model")
+
+
 @app.command("list")
 def list_models(url: str = typer.Option(None, help="gateway URL")) -> None:
     """Every registered model and variant, with state and measured quality."""

@@ -173,9 +173,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
 
     from optimizers.base import InvalidConfig
-    from server.registry.store import AlreadyExists, IllegalTransition, NotFound, RegistryError
+    from server.registry.store import AlreadyExists, IllegalTransition, NotFound, NotReady, RegistryError
 
-    registry_status = {NotFound: 404, AlreadyExists: 409, IllegalTransition: 409}
+    registry_status = {NotFound: 404, AlreadyExists: 409, IllegalTransition: 409, NotReady: 409}
 
     @app.exception_handler(RegistryError)
     async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, Query
 from fastapi import Path as PathParam
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,8 +21,15 @@ from server.api.deps import (
     SupervisorDep,
     require_admin,
 )
+from server.errors import GatewayError
 from server.registry.service import VARIANT_NAME, VariantSpec
 from server.routing.types import Budget, RequestFeatures
+
+class ExportFailed(GatewayError):
+    status_code = 500
+    error_type = "server_error"
+    default_code = "export_failed"
+
 
 router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)], tags=["admin"])
 
@@ -114,6 +121,25 @@ async def get_model(name: str, models: ModelsDep) -> dict:
 async def remove_model(name: str, models: ModelsDep) -> dict:
     await models.remove(name)
     return {"deleted": name}
+
+
+@router.get("/models/{name}/export/onnx", response_model=None,
+            responses={200: {"content": {"application/x-tar": {}}, "description": "the ONNX model directory"},
+                       202: {"description": "exporting: ask again after Retry-After seconds"}})  # fmt: skip
+async def export_onnx(name: str, models: ModelsDep, variant: str = Query("bf16", min_length=1, max_length=64,
+                                                                         pattern=VARIANT_NAME.pattern),
+                      precision: Literal["fp32", "int8", "int4"] = "int4") -> Response:  # fmt: skip
+    """The model (or a dense variant of it) as an ONNX Runtime GenAI model for edge devices: 202 while it is
+    exported (the first request starts it), then a tar of model.onnx, its weights, genai_config.json, the
+    tokenizer and export.json (parity with PyTorch, tokens/s on this host)."""
+    state, label = models.onnx_export(name, variant, precision)
+    if state.status == "ready" and state.tar is not None:
+        return FileResponse(state.tar, media_type="application/x-tar", filename=f"{label}.tar")
+    if state.status == "failed":
+        raise ExportFailed(f"the ONNX export of {name}@{variant} ({precision}) failed: {state.reason}; "
+                           "ask again to retry")
+    return JSONResponse({"status": "exporting", "model": name, "variant": variant, "precision": precision},
+                        status_code=202, headers={"Retry-After": "5"})
 
 
 @router.get("/jobs/{job_id}")

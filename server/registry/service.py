@@ -25,9 +25,11 @@ from server.registry.ingest import (
     ingest,
     vllm_tool_parsers,
 )
+from server.registry.exports import ExportState, OnnxExports
 from server.registry.merging import MergeRecipe, merged_checkpoint_dir
 from server.registry.progress import queued
-from server.registry.store import ModelRecord, Registry, VariantRecord, VariantState
+from server.jobs.compress import default_compress_python
+from server.registry.store import ModelRecord, NotReady, Registry, VariantRecord, VariantState
 from server.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -121,6 +123,7 @@ class ModelService:
         self.supervisor = supervisor
         self.device = device
         self.kernels = kernels or KernelProbe(device=device, kernels={}, source="none")
+        self.exports = OnnxExports(settings.home, settings.compress_python or default_compress_python())
 
     async def add(self, path: Path, name: str, variants: Sequence[str | VariantSpec],
                   max_ppl_delta: float | None = None, tool_call_parser: str | None = None) -> ModelRecord:
@@ -217,6 +220,28 @@ class ModelService:
         await asyncio.gather(*(self.supervisor.remove(v.id) for v in variants))
         logger.info("removed %s and its %d variant(s)%s", name, len(variants),
                     "; its build stopped" * stopped)
+
+    def onnx_export(self, name: str, variant: str, precision: str) -> tuple[ExportState, str]:
+        """The ONNX export of a model's base or of a dense variant (a pruned, distilled or merged checkpoint), at
+        `precision` (server/registry/exports.py): its state, and the name it downloads under. A quantized
+        variant (compressed-tensors, or quantized by vLLM at load) is refused: export its base at int4/int8."""
+        model = self.registry.model(name)
+        record = self.registry.variant(f"{name}@{variant}")
+        if record.method == "base":
+            checkpoint, digest = Path(model.checkpoint_path), model.source_sha256
+        else:
+            checkpoint, digest = Path(record.model_path or ""), record.artifact_key or ""
+            if not record.model_path or not digest or record.model_path == model.checkpoint_path:
+                raise IngestError(f"{record.id} is applied by vLLM at load or not built: export {name}@{BASE_VARIANT} "
+                                  "at int8 or int4 instead")  # fmt: skip
+            config = checkpoint / "config.json"
+            if config.is_file() and "quantization_config" in config.read_text(errors="replace"):
+                raise IngestError(f"{record.id} is a quantized checkpoint, which the ONNX builder does not read: "
+                                  f"export {name}@{BASE_VARIANT} at int8 or int4 instead")  # fmt: skip
+        if not (checkpoint / "config.json").is_file():
+            raise NotReady(f"{record.id}'s checkpoint is not written yet (state {record.state.value})")
+        label = f"{name}-{variant}-onnx-{precision}"
+        return self.exports.request(checkpoint, digest, precision, label), label
 
     def job(self, job_id: int) -> dict[str, Any]:
         """One compression job, with its variant's state, reason and log."""

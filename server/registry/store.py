@@ -65,6 +65,10 @@ class IllegalTransition(RegistryError):
     pass
 
 
+class NotReady(RegistryError):
+    """What was asked of a model or variant needs a state it has not reached (e.g. its checkpoint written)."""
+
+
 @dataclass(frozen=True)
 class ModelRecord:
     name: str

@@ -51,3 +51,21 @@ def test_a_directory_without_a_checkpoint_is_refused(tmp_path: Path) -> None:
     code, event = _export(tmp_path, tmp_path / "out", "--precision", "int4")
     assert code == 2 and event["event"] == "error" and "no config.json" in event["message"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.full
+def test_smollm2_exports_with_parity_and_a_smaller_int8(tmp_path: Path) -> None:
+    """The bundled model (loadtests/results/2026-12-08/onnx-smollm2.md): FP32 decodes the two fixed prompts as
+    PyTorch does; INT8 is under half of FP32's bytes (its embedding stays in float32)."""
+    from server.models.embedded import ensure_checkpoint, find_bundled_gguf
+    from tests.integration.gateway_process import TEST_HOME
+
+    smollm2 = ensure_checkpoint(find_bundled_gguf(), TEST_HOME / "checkpoints", TEST_HOME / "logs")
+    code, fp32 = _export(smollm2, tmp_path / "fp32", "--precision", "fp32", "--check-steps", "32", "--speed-runs", "1")
+    assert code == 0, fp32
+    for prompt in ("short", "long"):
+        assert fp32["parity"][prompt]["identical_tokens"], fp32["parity"]
+        assert fp32["parity"][prompt]["logits_max_abs_diff"] < 1e-3, fp32["parity"]
+    code, int8 = _export(smollm2, tmp_path / "int8", "--precision", "int8", "--check-steps", "0")
+    assert code == 0, int8
+    assert int8["onnx_bytes"] < 0.55 * fp32["onnx_bytes"], (int8["onnx_bytes"], fp32["onnx_bytes"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -245,6 +246,34 @@ def test_a_merge_of_two_tiny_models_is_built_gated_and_served(registry_gateway: 
     assert answer.choices[0].message.content is not None
     for name in ("tiny-merged", "tiny-b"):
         assert cli(registry_gateway, "rm", name, timeout_s=120).returncode == 0
+
+
+def test_a_model_is_downloaded_as_an_onnx_model(registry_gateway: GatewayProcess, tmp_path: Path) -> None:
+    """GET /admin/models/{name}/export/onnx: 202 while exporting, then (`quantgate models export` waits for it) a
+    tar of the ONNX Runtime GenAI model with its parity check (optimizers/onnx_export.py; its own tests are
+    tests/integration/test_onnx_export.py)."""
+    for path, status, fragment in [
+        ("/admin/models/nobody/export/onnx", 404, "nobody"),
+        ("/admin/models/tiny/export/onnx?precision=int3", 400, "precision"),
+        ("/admin/models/tiny/export/onnx?variant=int8", 400, "quantized checkpoint"),
+    ]:  # fmt: skip
+        refused = admin(registry_gateway, "GET", path)
+        assert refused.status_code == status, refused.text
+        assert fragment in refused.json()["error"]["message"]
+    url = "/admin/models/tiny/export/onnx?precision=fp32"
+    first = admin(registry_gateway, "GET", url)
+    assert first.status_code == 202 and first.headers["retry-after"] == "5", first.text
+    archive = tmp_path / "tiny.tar"
+    result = cli(registry_gateway, "export", "tiny", "--precision", "fp32", "-o", str(archive), timeout_s=900)
+    assert result.returncode == 0, result.stdout + result.stderr
+    again = admin(registry_gateway, "GET", url)  # kept: at once, the same file
+    assert again.status_code == 200 and again.headers["content-type"] == "application/x-tar"
+    assert again.content == archive.read_bytes()
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+        report = json.load(tar.extractfile("tiny-bf16-onnx-fp32/export.json"))
+    assert {"tiny-bf16-onnx-fp32/model.onnx", "tiny-bf16-onnx-fp32/genai_config.json"} <= names, names
+    assert report["parity"]["short"]["identical_tokens"], report["parity"]
 
 
 def test_models_rm_stops_engines_and_reuses_artifacts(registry_gateway: GatewayProcess, tiny: Path) -> None:
