@@ -37,7 +37,7 @@ from server.jobs.compress import CompressionFailed, CompressionJob, run_compress
 from server.models.embedded import ConversionFailed, convert_gguf
 from server.registry.artifacts import artifact_dir, artifact_key
 from server.registry.ingest import IngestError, inspect_hf_dir
-from server.registry.merging import MergeFailed, MergeRecipe, run_merge
+from server.registry.merging import MergeFailed, MergeRecipe, ParentScore, judge_merge, run_merge
 from server.registry.progress import BuildProgress
 from server.registry.store import ModelRecord, Registry, RegistryError, VariantRecord, VariantState
 from server.routing.predictor import LatencyBook, LatencyPriors
@@ -300,7 +300,15 @@ class VariantBuilder:
         if agreement is not None:
             fields["next_token"] = agreement.as_dict()
         reason = None
-        if delta is not None and delta > model.max_ppl_delta:
+        if is_base and model.source_kind == "merge":
+            reason, parent = judge_merge(ppl.ppl, chat, self._parent_scores(model), model.max_ppl_delta,
+                                         self.chat_gate_for(model.name))  # fmt: skip
+            if parent is None:
+                logger.warning("%s: no parent measured to judge the merge against", record.id)
+            else:
+                logger.info("%s judged against its parent %s: ppl %.3f vs %.3f, chat %d vs %d right", record.id,
+                            parent.name, ppl.ppl, parent.ppl, chat.correct, parent.chat.correct)
+        elif delta is not None and delta > model.max_ppl_delta:
             reason = f"ppl delta {delta:+.1%} exceeds the model's floor of {model.max_ppl_delta:+.1%}"
         elif not is_base:
             base_chat = await self._base_chat(base)
@@ -325,6 +333,18 @@ class VariantBuilder:
             logger.info("variant %s ready: ppl %.3f (delta %s), chat %d/%d right, %d loops, next-token %s",
                         record.id, ppl.ppl, "n/a" if delta is None else f"{delta:+.1%}", chat.correct, chat.prompts,
                         chat.loops, agreement)
+
+    def _parent_scores(self, model: ModelRecord) -> list[ParentScore]:
+        """The measured bases of a merged model's parents that are still registered."""
+        scores = []
+        for name in MergeRecipe.read(Path(model.source_path)).parents:
+            try:
+                base = next(v for v in self.registry.variants(name) if v.method == "base")
+            except StopIteration:
+                continue
+            if base.ppl and base.chat and base.chat.get("prompts") == len(PROMPTS):
+                scores.append(ParentScore(name, base.ppl, ChatScore.from_dict(base.chat)))
+        return scores
 
     def _reference_path(self, model: ModelRecord) -> Path:
         return self.home / "references" / f"{model.name}-{model.source_sha256[:24]}.json"

@@ -3,7 +3,9 @@
 A merged model registers at once, like a GGUF source: its recipe (parents' checkpoints and digests, method, t or
 weights) is written under the home's `merges/` and is the model's `source_path`; its checkpoint is written by
 its base variant's job (state `converting`, phase "merging the parents"), in a process of its own, then every
-rung is built, evaluated and gated like any model's.
+rung is built, evaluated and gated like any model's. Its base, which no base of its own can judge, is judged
+against the better of its parents (judge_merge): a merge that answers worse than the parent it came from is
+rejected like a rung that answers worse than its base.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from optimizers.chat_quality import ChatGate, ChatScore, judge
 from server.process import child_environment, die_with_parent
 
 
@@ -103,3 +106,28 @@ async def run_merge(recipe: MergeRecipe, target: Path, log_path: Path, python: s
         message = last.get("message") if last.get("event") == "error" else f"exit {returncode}; see {log_path}"
         raise MergeFailed(f"merging {', '.join(recipe.parents)} failed: {message}")
     return last
+
+
+@dataclass(frozen=True)
+class ParentScore:
+    """A parent's base as measured by the registry: the reference a merged model is judged against."""
+
+    name: str
+    ppl: float
+    chat: ChatScore
+
+
+def judge_merge(ppl: float, chat: ChatScore, parents: list[ParentScore], max_ppl_delta: float,
+                gate: ChatGate) -> tuple[str | None, ParentScore | None]:  # fmt: skip
+    """A merged model's base against the better parent (the lowest perplexity): its perplexity within the
+    model's floor of that parent's, then its chat answers within the gate's margins of that parent's, as a rung
+    is judged against its base. (None, None) when no parent has been measured (nothing to judge against)."""
+    if not parents:
+        return None, None
+    best = min(parents, key=lambda p: p.ppl)
+    delta = ppl / best.ppl - 1
+    if delta > max_ppl_delta:
+        return (f"ppl delta {delta:+.1%} against its parent {best.name} exceeds the model's floor of "
+                f"{max_ppl_delta:+.1%}"), best  # fmt: skip
+    reason = judge(chat, best.chat, gate)
+    return (f"against its parent {best.name}: {reason}" if reason else None), best

@@ -239,6 +239,9 @@ def test_a_merge_of_two_tiny_models_is_built_gated_and_served(registry_gateway: 
         "tiny", "tiny-b"]
     base = variant(registry_gateway, "tiny-merged", "bf16")
     assert base["state"] == "ready" and base["ppl"] > 0, base
+    # Judged against the better parent (server/registry/merging.py judge_merge), with the gateway's lenient gate.
+    assert "tiny-merged@bf16 judged against its parent tiny" in registry_gateway.log_path.read_text(), \
+        registry_gateway.log_tail()
     record = json.loads((Path(model["checkpoint_path"]) / "merge.json").read_text())
     assert record["method"] == "slerp" and record["t"] == [0.25, 0.75]
     client = openai.OpenAI(base_url=f"{registry_gateway.url}/v1", api_key=API_KEY, max_retries=0)

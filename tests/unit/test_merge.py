@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
+from optimizers.chat_quality import ChatGate, ChatScore
 from optimizers.merge import (
     MergeError,
     check_compatible,
@@ -23,6 +24,7 @@ from optimizers.merge import (
     merge_checkpoints,
     slerp,
 )
+from server.registry.merging import ParentScore, judge_merge
 from tests.unit.tiny_llamas import checkpoint, llama  # noqa: F401 - a fixture
 
 
@@ -163,3 +165,22 @@ def test_the_job_reports_a_refusal_as_an_event(checkpoint: Path, tmp_path: Path,
     assert not (tmp_path / "x").exists()
     assert main([str(checkpoint), str(checkpoint), "--out", str(tmp_path / "y"), "--t", "[0.2, 0.8]"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["event"] == "done"
+
+
+def _score(correct: int, loops: int = 0, prompts: int = 49) -> ChatScore:
+    return ChatScore(answers=tuple(f"answer {i}" for i in range(prompts)), correct=correct, loops=loops,
+                     prompts=prompts)  # fmt: skip
+
+
+def test_a_merged_model_is_judged_against_its_better_parent() -> None:
+    """The SmolLM2 merge of loadtests/results/2026-12-08/merge.md: 11.587 and 40/49 against parents 11.348/44 and
+    12.498/34. The better parent (A) is the reference: within the +30% floor and 6 fewer facts, it passes."""
+    gate = ChatGate()
+    a, b = ParentScore("a", 11.348, _score(44)), ParentScore("b", 12.498, _score(34))
+    merged = ChatScore(answers=a.chat.answers, correct=40, loops=0, prompts=49)
+    assert judge_merge(11.587, merged, [b, a], 0.30, gate) == (None, a)
+    reason, parent = judge_merge(11.587, _score(37), [b, a], 0.30, gate)  # 7 fewer than A's: out
+    assert parent == a and reason.startswith("against its parent a: chat: 37/49"), reason
+    reason, _ = judge_merge(15.0, merged, [a, b], 0.30, gate)
+    assert reason == "ppl delta +32.2% against its parent a exceeds the model's floor of +30.0%"
+    assert judge_merge(99.0, merged, [], 0.30, gate) == (None, None)  # no parent measured: nothing to judge by
