@@ -250,7 +250,7 @@ def test_a_registry_file_from_before_tool_call_parsers_migrates(tmp_path) -> Non
 
 
 def test_the_merge_source_kind_migration_keeps_every_variant_and_job(tmp_path) -> None:
-    """Migration 8 rebuilds `models` (a CHECK constraint cannot be altered): with foreign keys on, dropping the
+    """Migration 7 rebuilds `models` (a CHECK constraint cannot be altered): with foreign keys on, dropping the
     old table would have deleted every variant through ON DELETE CASCADE."""
     path = tmp_path / "old.sqlite3"
     conn = _file_before(path, "'merge'")
