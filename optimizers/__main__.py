@@ -18,14 +18,10 @@ from rich.logging import RichHandler
 
 from optimizers.base import InvalidConfig, OptimizerError, UnsupportedHere
 from optimizers.job import run_job
+from optimizers.progress import write_event
 from optimizers.registry import make_config
 
 EXIT_REFUSED = 2
-
-
-def _emit(event: str, **fields: object) -> None:
-    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
-    sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,17 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = make_config(args.method, json.loads(args.config))
         with console.status(f"{args.method}: compressing {args.source.name} ({args.profile} profile)"):
-            manifest = run_job(config, args.source, args.out, args.profile, device, emit=_emit)
+            manifest = run_job(config, args.source, args.out, args.profile, device, emit=write_event)
     except (InvalidConfig, UnsupportedHere) as exc:
         kind = "unsupported" if isinstance(exc, UnsupportedHere) else "invalid_config"
-        _emit("error", kind=kind, message=str(exc))
+        write_event("error", kind=kind, message=str(exc))
         console.print(f"[red]refused:[/red] {exc}")
         return EXIT_REFUSED
     except (OptimizerError, ValueError) as exc:
-        _emit("error", kind="failed", message=str(exc))
+        write_event("error", kind="failed", message=str(exc))
         console.print(f"[red]failed:[/red] {exc}")
         return 1
-    _emit("done", manifest=manifest)
+    write_event("done", manifest=manifest)
     console.print(f"[green]done[/green] {args.out} in {manifest['seconds_to_make']} s")
     return 0
 

@@ -145,6 +145,11 @@ class ChatScore:
         return cls(answers=tuple(data["answers"]), correct=int(data["correct"]), loops=int(data["loops"]),
                    prompts=int(data["prompts"]))
 
+    @classmethod
+    def stored(cls, data: dict | None) -> ChatScore | None:
+        """A score stored by the registry, if it is one of the current set (a smaller, older set's is not)."""
+        return cls.from_dict(data) if data and data.get("prompts") == len(PROMPTS) else None
+
 
 def is_correct(answer: str, keywords: tuple[str, ...]) -> bool:
     return any(re.search(rf"(?<!\w){re.escape(k)}(?!\w)", answer, re.IGNORECASE) for k in keywords)

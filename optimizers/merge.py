@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -36,6 +37,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
+
+from optimizers.progress import emit_progress, reporting, write_event
 
 logger = logging.getLogger(__name__)
 
@@ -111,29 +114,34 @@ def layer_position(tensor: str, num_layers: int) -> float:
 def slerp(t: float, a: Any, b: Any, dot_threshold: float = DOT_THRESHOLD, eps: float = EPS) -> Any:
     """Spherical interpolation of two tensors of one shape (see the module's docstring), in float32;
     returned in a's dtype."""
+    return _slerp(t, a, b, dot_threshold, eps)[0]
+
+
+def _slerp(t: float, a: Any, b: Any, dot_threshold: float = DOT_THRESHOLD, eps: float = EPS) -> tuple[Any, bool]:
+    """slerp's result, and whether it fell back to linear interpolation (parallel, opposite or zero tensors)."""
     import torch
 
     if a.shape != b.shape:
         raise MergeError(f"shapes differ: {tuple(a.shape)} and {tuple(b.shape)}")
     if t == 0.0:
-        return a.clone()
+        return a.clone(), False
     if t == 1.0:
-        return b.to(a.dtype).clone()
+        return b.to(a.dtype).clone(), False
     x, y = a.detach().float().reshape(-1), b.detach().float().reshape(-1)
     na, nb = torch.linalg.vector_norm(x), torch.linalg.vector_norm(y)
     if na <= eps or nb <= eps:
-        return lerp(t, a, b)
+        return lerp(t, a, b), True
     ua, ub = x / na, y / nb
     dot = torch.clamp(torch.dot(ua, ub), -1.0, 1.0)
     if abs(float(dot)) > dot_threshold:
-        return lerp(t, a, b)
+        return lerp(t, a, b), True
     theta = torch.arccos(dot)
     sin_theta = torch.sin(theta)
     s0 = torch.sin((1 - t) * theta) / sin_theta
     s1 = torch.sin(t * theta) / sin_theta
     direction = s0 * ua + s1 * ub  # a unit vector: on the great circle through ua and ub
     merged = direction * ((1 - t) * na + t * nb)
-    return merged.reshape(a.shape).to(a.dtype)
+    return merged.reshape(a.shape).to(a.dtype), False
 
 
 def lerp(t: float, a: Any, b: Any) -> Any:
@@ -168,9 +176,9 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def tensor_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every tensor's (shape, dtype) from the safetensors headers alone (no weights read)."""
-    shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+def _header_entries(path: Path) -> Iterator[tuple[Path, str, dict[str, Any]]]:
+    """(file, tensor name, its header entry) of every tensor of a checkpoint, from the safetensors headers alone
+    (no weights read)."""
     for file in _weight_files(path):
         with open(file, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
@@ -182,8 +190,12 @@ def tensor_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
                 raise MergeError(f"{file.name} has an unreadable safetensors header") from None
         for name, spec in header.items():
             if name != "__metadata__":
-                shapes[name] = (tuple(spec["shape"]), spec["dtype"])
-    return shapes
+                yield file, name, spec
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor's (shape, dtype)."""
+    return {name: (tuple(spec["shape"]), spec["dtype"]) for _, name, spec in _header_entries(path)}
 
 
 def check_compatible(paths: Sequence[Path], method: str, weights: Sequence[float] | None = None) -> dict[str, Any]:
@@ -222,7 +234,7 @@ def _tensors(paths: Sequence[Path]) -> Iterator[tuple[str, list[Any]]]:
     """Each tensor name with its tensor from every parent, one name at a time."""
     from safetensors import safe_open
 
-    index = [{name: file for file in _weight_files(p) for name in _names(file)} for p in paths]
+    index = [{name: file for file, name, _ in _header_entries(p)} for p in paths]
     handles: dict[Path, Any] = {}
     try:
         for name in sorted(index[0]):
@@ -237,17 +249,11 @@ def _tensors(paths: Sequence[Path]) -> Iterator[tuple[str, list[Any]]]:
         handles.clear()
 
 
-def _names(file: Path) -> list[str]:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        return list(f.keys())
-
-
 def merge_checkpoints(paths: Sequence[Path], out: Path, method: str = "slerp", t: Any = 0.5,
-                      weights: Sequence[float] | None = None, progress=lambda done, total: None) -> dict[str, Any]:
+                      weights: Sequence[float] | None = None) -> dict[str, Any]:
     """Merge `paths` into the checkpoint directory `out` (written whole or not at all: built in a temp dir
-    beside it, then renamed). Returns the merge's record (also written as `merge.json` in `out`)."""
+    beside it, then renamed), with progress events when the job reports (optimizers/progress.py). Returns the
+    merge's record (also written as `merge.json` in `out`)."""
     import torch
     from safetensors.torch import save_file
 
@@ -257,8 +263,7 @@ def merge_checkpoints(paths: Sequence[Path], out: Path, method: str = "slerp", t
     num_layers = int(config.get("num_hidden_layers", 0) or 0)
     weights = list(weights) if weights is not None else [1.0] * len(paths)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # a killed job's is removed by its caller (remove_temp_dirs)
     tmp.mkdir()
     total = len(tensor_shapes(paths[0]))
     shard: dict[str, Any] = {}
@@ -283,16 +288,15 @@ def merge_checkpoints(paths: Sequence[Path], out: Path, method: str = "slerp", t
                 if not (a.is_floating_point() and b.is_floating_point()):
                     raise MergeError(f"tensor {name} is not floating point ({a.dtype}); quantized checkpoints "
                                      "are not merged: merge their bases")  # fmt: skip
-                merged = slerp(value, a, b)
-                if 0.0 < value < 1.0 and _colinear(a, b):
-                    fallbacks += 1
+                merged, fell_back = _slerp(value, a, b)
+                fallbacks += fell_back
             else:
                 merged = linear(tensors, weights)
             shard[name] = merged.contiguous()
             shard_bytes += merged.numel() * merged.element_size()
             if shard_bytes >= SHARD_BYTES:
                 flush()
-            progress(done, total)
+            emit_progress("merging the parents", done / total, done=done, total=total)
     flush()
     if len(shards) == 1:
         (tmp / shards[0]).rename(tmp / "model.safetensors")
@@ -312,14 +316,6 @@ def merge_checkpoints(paths: Sequence[Path], out: Path, method: str = "slerp", t
     return record
 
 
-def _colinear(a: Any, b: Any) -> bool:
-    import torch
-
-    x, y = a.float().reshape(-1), b.float().reshape(-1)
-    na, nb = torch.linalg.vector_norm(x), torch.linalg.vector_norm(y)
-    return bool(na <= EPS or nb <= EPS or abs(float(torch.dot(x / na, y / nb))) > DOT_THRESHOLD)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Merge checkpoints (SLERP or linear); JSON events on stdout.")
     parser.add_argument("parents", nargs="+", type=Path)
@@ -329,25 +325,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--weights", default=None, help="linear: JSON list, one weight per parent")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-
-    def emit(event: str, **fields: Any) -> None:
-        print(json.dumps({"event": event, **fields}), flush=True)
-
-    last = [0.0]
-
-    def progress(done: int, total: int) -> None:
-        now = time.monotonic()
-        if done == total or now - last[0] >= 1.0:
-            last[0] = now
-            emit("progress", phase="merging the parents", fraction=round(done / total, 4), done=done, total=total)
-
     try:
-        record = merge_checkpoints(args.parents, args.out, args.method, json.loads(args.t),
-                                   json.loads(args.weights) if args.weights else None, progress)  # fmt: skip
+        with reporting(write_event):
+            record = merge_checkpoints(args.parents, args.out, args.method, json.loads(args.t),
+                                       json.loads(args.weights) if args.weights else None)  # fmt: skip
     except MergeError as exc:
-        emit("error", kind="invalid_config", message=str(exc))
+        write_event("error", kind="invalid_config", message=str(exc))
         return 2
-    emit("done", **record)
+    write_event("done", **record)
     return 0
 
 

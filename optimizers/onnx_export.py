@@ -17,7 +17,6 @@ model's decode tokens/s on this CPU (batch 1, the long prompt, `--speed-runs` ti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -27,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from optimizers.progress import write_event
 
 PRECISIONS = ("fp32", "int8", "int4")
 PROMPT = "What is the capital of France?"
@@ -45,9 +46,8 @@ def export(source: Path, out: Path, precision: str = "int4", log: Any = None) ->
     if not (source / "config.json").is_file():
         raise ExportError(f"{source} is not a checkpoint directory (no config.json)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    cache = out.parent / f".{out.name}.cache"
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"  # a killed job's is removed by its caller (remove_temp_dirs)
+    cache = out.parent / f".{out.name}.tmp-{os.getpid()}-cache"
     argv = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(source), "-o", str(tmp),
             "-p", precision, "-e", "cpu", "-c", str(cache)]  # fmt: skip
     result = subprocess.run(argv, stdout=log or subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False,
@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         started = time.monotonic()
         export(args.source, args.out, args.precision, log=sys.stderr)
-        report: dict[str, Any] = {"event": "done", "precision": args.precision, "out": str(args.out),
+        report: dict[str, Any] = {"precision": args.precision, "out": str(args.out),
                                   "onnx_bytes": onnx_bytes(args.out),
                                   "seconds_to_export": round(time.monotonic() - started, 1)}  # fmt: skip
         if args.check_steps > 0:
@@ -185,9 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                          "seconds_to_first_token": [round(r.seconds_to_first, 4) for r in runs]}  # fmt: skip
                 report["torch"][label] = {k: v for k, v in asdict(reference).items() if k != "last_logits"}
     except ExportError as exc:
-        print(json.dumps({"event": "error", "message": str(exc)}), flush=True)
+        write_event("error", kind="failed", message=str(exc))
         return 2
-    print(json.dumps(report), flush=True)
+    write_event("done", **report)
     return 0
 
 

@@ -16,6 +16,8 @@ the budget the hook raises OverBudget and optimizers/llmcompressor_run.py starts
 from __future__ import annotations
 
 import contextlib
+import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -45,6 +47,13 @@ def sized_windows(windows: int, projected_s: float, budget_s: float, margin: flo
         return windows
     fit = int(windows * budget_s * margin / projected_s)
     return min(windows, max(MIN_WINDOWS, fit - fit % 2))
+
+
+def write_event(event: str, **fields: Any) -> None:
+    """One event of a job's protocol: a JSON object on its own stdout line, read by the gateway
+    (server/jobs/compress.py run_events); logs and human-readable progress go to stderr."""
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 from optimizers import next_token
-from optimizers.chat_quality import PROMPTS, ChatGate, ChatScore, chat_answers, judge
+from optimizers.chat_quality import ChatGate, ChatScore, chat_answers, judge
 from optimizers.data import PROFILES, evaluation_windows
 from optimizers.evaluate import perplexity
 from optimizers.base import MethodConfig
@@ -37,7 +37,7 @@ from server.jobs.compress import CompressionFailed, CompressionJob, run_compress
 from server.models.embedded import ConversionFailed, convert_gguf
 from server.registry.artifacts import artifact_dir, artifact_key
 from server.registry.ingest import IngestError, inspect_hf_dir
-from server.registry.merging import MergeFailed, MergeRecipe, ParentScore, judge_merge, run_merge
+from server.registry.merging import MergeFailed, MergeRecipe, judge_merge, parent_scores, run_merge
 from server.registry.progress import BuildProgress
 from server.registry.store import ModelRecord, Registry, RegistryError, VariantRecord, VariantState
 from server.routing.predictor import LatencyBook, LatencyPriors
@@ -301,7 +301,7 @@ class VariantBuilder:
             fields["next_token"] = agreement.as_dict()
         reason = None
         if is_base and model.source_kind == "merge":
-            reason, parent = judge_merge(ppl.ppl, chat, self._parent_scores(model), model.max_ppl_delta,
+            reason, parent = judge_merge(ppl.ppl, chat, parent_scores(self.registry, model), model.max_ppl_delta,
                                          self.chat_gate_for(model.name))  # fmt: skip
             if parent is None:
                 logger.warning("%s: no parent measured to judge the merge against", record.id)
@@ -333,18 +333,6 @@ class VariantBuilder:
             logger.info("variant %s ready: ppl %.3f (delta %s), chat %d/%d right, %d loops, next-token %s",
                         record.id, ppl.ppl, "n/a" if delta is None else f"{delta:+.1%}", chat.correct, chat.prompts,
                         chat.loops, agreement)
-
-    def _parent_scores(self, model: ModelRecord) -> list[ParentScore]:
-        """The measured bases of a merged model's parents that are still registered."""
-        scores = []
-        for name in MergeRecipe.read(Path(model.source_path)).parents:
-            try:
-                base = next(v for v in self.registry.variants(name) if v.method == "base")
-            except StopIteration:
-                continue
-            if base.ppl and base.chat and base.chat.get("prompts") == len(PROMPTS):
-                scores.append(ParentScore(name, base.ppl, ChatScore.from_dict(base.chat)))
-        return scores
 
     def _reference_path(self, model: ModelRecord) -> Path:
         return self.home / "references" / f"{model.name}-{model.source_sha256[:24]}.json"
@@ -381,8 +369,8 @@ class VariantBuilder:
         chat gate, or from before the set grew) asked of its serving engine now and stored."""
         if base is None:
             return None
-        if base.chat and base.chat.get("prompts") == len(PROMPTS):
-            return ChatScore.from_dict(base.chat)
+        if (stored := ChatScore.stored(base.chat)) is not None:
+            return stored
         engine = self.supervisor.get(base.id)
         if base.state is not VariantState.READY or engine is None or engine.status().state is not EngineState.READY:
             return None

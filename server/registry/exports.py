@@ -11,17 +11,14 @@ A failed export answers its reason once; the next request tries again.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
-import shutil
-import signal
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.process import child_environment, die_with_parent
+from server.jobs.compress import last_event, run_events
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +41,6 @@ class OnnxExports:
         self._failed: dict[str, str] = {}
         self._lock = asyncio.Lock()  # one export at a time: each holds the whole model and a CPU
 
-    def _dir(self, key: str) -> Path:
-        return self.root / key
-
     def request(self, checkpoint: Path, digest: str, precision: str, label: str) -> ExportState:
         """The export of `checkpoint` at `precision`: its tar when done, else started (or still running)."""
         key = f"onnx-{digest[:24]}-{precision}"
@@ -62,7 +56,7 @@ class OnnxExports:
         return ExportState("exporting")
 
     async def _export(self, checkpoint: Path, key: str, precision: str, label: str) -> None:
-        out, tar = self._dir(key), self.root / f"{key}.tar"
+        out, tar = self.root / key, self.root / f"{key}.tar"
         log_path = self.root / f"{key}.log"
         try:
             async with self._lock:
@@ -80,28 +74,11 @@ class OnnxExports:
     async def _run(self, checkpoint: Path, out: Path, precision: str, log_path: Path) -> dict:
         argv = [self.python, "-m", "optimizers.onnx_export", str(checkpoint), str(out), "--precision", precision,
                 "--check-steps", "16", "--speed-runs", "3"]  # fmt: skip
-        with open(log_path, "ab") as log:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
-                start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL),
-                env=child_environment({"HF_HUB_OFFLINE": "1"}),
-            )  # fmt: skip
-        try:
-            stdout, _ = await asyncio.wait_for(proc.communicate(), self.timeout_s)
-        except (asyncio.CancelledError, TimeoutError):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await asyncio.shield(proc.wait())
-            shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
-            raise
-        lines = stdout.decode(errors="replace").strip().splitlines()
-        try:
-            report = json.loads(lines[-1]) if lines else {}
-        except ValueError:
-            report = {}
-        if proc.returncode != 0 or report.get("event") != "done":
-            raise RuntimeError(report.get("message") or f"the export exited {proc.returncode}; see {log_path}")
-        return report
+        returncode, events = await run_events(argv, log_path, self.timeout_s, out)
+        done, error = last_event(events, "done"), last_event(events, "error")
+        if returncode != 0 or done is None:
+            raise RuntimeError(error["message"] if error else f"the export exited {returncode}; see {log_path}")
+        return done
 
 
 def _write_tar(directory: Path, tar: Path, label: str) -> None:

@@ -10,13 +10,8 @@ rejected like a rung that answers worse than its base.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import json
-import os
-import shutil
-import signal
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from optimizers.chat_quality import ChatGate, ChatScore, judge
-from server.process import child_environment, die_with_parent
+from server.jobs.compress import last_event, run_events
+from server.registry.store import ModelRecord, Registry
 
 
 class MergeFailed(RuntimeError):
@@ -74,38 +70,16 @@ async def run_merge(recipe: MergeRecipe, target: Path, log_path: Path, python: s
                     on_event: Callable[[dict], None] = lambda event: None,
                     on_start: Callable[[int], None] = lambda pid: None) -> dict:  # fmt: skip
     """Write the merged checkpoint into `target` (whole or not at all: optimizers/merge.py renames a finished
-    temp dir). Cancellable: the job's process group is killed and its temp dir removed."""
+    temp dir). Cancellable: the job's process group is killed and its temp dir removed (run_events)."""
     if (target / "config.json").is_file():
         return {"cached": True}
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        proc = await asyncio.create_subprocess_exec(
-            *recipe.argv(python, target), stdout=asyncio.subprocess.PIPE, stderr=log,
-            stdin=asyncio.subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent(signal.SIGKILL),
-            env=child_environment({"HF_HUB_OFFLINE": "1"}),
-        )  # fmt: skip
-    on_start(proc.pid)
-    last: dict = {}
-    try:
-        assert proc.stdout is not None
-        async for line in proc.stdout:
-            with contextlib.suppress(ValueError):
-                event = json.loads(line)
-                if isinstance(event, dict) and "event" in event:
-                    last = event
-                    on_event(event)
-        returncode = await proc.wait()
-    except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await asyncio.shield(proc.wait())
-        shutil.rmtree(target.parent / f".{target.name}.partial", ignore_errors=True)
-        raise
-    if returncode != 0 or last.get("event") != "done":
-        shutil.rmtree(target.parent / f".{target.name}.partial", ignore_errors=True)
-        message = last.get("message") if last.get("event") == "error" else f"exit {returncode}; see {log_path}"
+    returncode, events = await run_events(recipe.argv(python, target), log_path, None, target, on_event, on_start)
+    done = last_event(events, "done")
+    if returncode != 0 or done is None:
+        error = last_event(events, "error")
+        message = error.get("message") if error else f"exit {returncode}; see {log_path}"
         raise MergeFailed(f"merging {', '.join(recipe.parents)} failed: {message}")
-    return last
+    return done
 
 
 @dataclass(frozen=True)
@@ -115,6 +89,17 @@ class ParentScore:
     name: str
     ppl: float
     chat: ChatScore
+
+
+def parent_scores(registry: Registry, model: ModelRecord) -> list[ParentScore]:
+    """The measured bases of a merged model's parents that are still registered."""
+    scores = []
+    for name in MergeRecipe.read(Path(model.source_path)).parents:
+        base = next((v for v in registry.variants(name) if v.method == "base"), None)
+        chat = ChatScore.stored(base.chat) if base is not None else None
+        if base is not None and base.ppl and chat is not None:
+            scores.append(ParentScore(name, base.ppl, chat))
+    return scores
 
 
 def judge_merge(ppl: float, chat: ChatScore, parents: list[ParentScore], max_ppl_delta: float,
